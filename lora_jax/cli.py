@@ -1,0 +1,118 @@
+"""Command line: flags -> TrainConfig (defaults < preset < flags) -> fit().
+
+Bad input ends with one line naming the problem and exit status 2; a
+diverged run with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from .config import METHODS, ConfigValueError, TrainConfig, preset
+
+# Errors that are the user's input, not our bug: one line, no traceback.
+def _user_errors():
+    from .data import DataError
+    from .lora import LoraError
+    from .model import ConfigError
+    from .train import RunError
+    from .weights import WeightsError
+
+    return (ConfigValueError, DataError, LoraError, ConfigError, RunError, WeightsError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lora-jax train",
+        description="Fine-tune a BERT/RoBERTa encoder on a GLUE task with LoRA or in full, "
+        "evaluate on dev, and write report.json / report.md.",
+    )
+    d = TrainConfig()
+    a = p.add_argument
+    a("--task", required=True, help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte or wnli")
+    a("--model", help=f"Hub id or local checkpoint directory (default {d.model})")
+    a("--data-dir", help="GLUE TSV directory (DIR/RTE/train.tsv ...); default: the Hub via `datasets`")
+    a("--dev-file", help="a TSV file to evaluate on instead of the default dev split")
+    a("--method", choices=METHODS, help=f"default {d.method}")
+    a("--preset", choices=("paper", "tiny"), help="paper: the LoRA paper's per-task hyperparameters; tiny: tests")
+    a("--lora-rank", type=int, help=f"default {d.lora_rank}")
+    a("--lora-alpha", type=float, help=f"default {d.lora_alpha}")
+    a("--lora-dropout", type=float, help=f"default {d.lora_dropout}")
+    a("--targets", help="qv, qkvo, all, or comma-separated regexes over parameter paths (default qv)")
+    a("--lora-init", choices=("kaiming", "gaussian"), help="initialisation of A (default kaiming)")
+    a("--rslora", action="store_const", const=True, help="scale by alpha/sqrt(r) instead of alpha/r")
+    a("--lora-forward", choices=("factored", "merged"), help="how the train step applies LoRA (default factored)")
+    a("--epochs", type=float, help=f"default {d.epochs}")
+    a("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
+    a("--batch-size", type=int, help=f"default {d.batch_size}")
+    a("--lr", type=float, help=f"default {d.lr}")
+    a("--warmup-ratio", type=float, help=f"default {d.warmup_ratio}")
+    a("--weight-decay", type=float, help=f"default {d.weight_decay}")
+    a("--max-grad-norm", type=float, help=f"default {d.max_grad_norm}")
+    a("--max-seq-len", type=int, help=f"default {d.max_seq_len}")
+    a("--num-buckets", type=int, help=f"sequence-length buckets (default {d.num_buckets})")
+    a("--max-train-examples", type=int, help="use only the first N training examples")
+    a("--max-eval-examples", type=int, help="use only the first N dev examples")
+    a("--param-dtype", choices=("float32", "bfloat16"), help="dtype of the frozen base (default float32)")
+    a("--compute-dtype", choices=("float32", "bfloat16"), help="matmul dtype (default float32)")
+    a("--remat", choices=("none", "full", "dots"), help="recompute layer activations in backward (default none)")
+    a("--seed", type=int, help=f"default {d.seed}")
+    a("--eval-every", type=int, help="evaluate every N steps (default: every epoch)")
+    a("--log-every", type=int, help=f"log every N steps (default {d.log_every})")
+    a("--output-dir", help=f"default {d.output_dir}")
+    a("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    a("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values: dict = {}
+    if args.preset:
+        values.update(preset(args.preset, args.task))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    return TrainConfig(**values)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # jax logs a failed TPU probe at WARNING on every CPU/GPU start: noise for our users.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+    from .train import TrainingDiverged, fit
+
+    try:
+        cfg = config_from_args(args)
+        report, _ = fit(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    except TrainingDiverged as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return 1
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    primary = report["primary_metric"]
+    split, name = primary.split("/")
+    m = report["metrics"][split]
+    print(f"{report['task']} {report['method']}: {primary} final {m['final']['values'][name]:.4f}, "
+          f"best {m['best']['values'][name]:.4f} (step {m['best']['step']}); report: {cfg.output_dir}/report.md")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lora-jax <command> ...``; the one command so far is ``train``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: lora-jax train [--help] ...")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return train_main(rest)
+    print(f"error: unknown command {command!r}; available: train", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Run configuration: one frozen dataclass, presets, and the checks that keep bad values out.
+
+Flags become ``dataclasses.replace`` on top of a preset on top of the defaults;
+every run writes the resolved config next to its results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .lora import TARGET_PRESETS, LoraConfig, full_finetuning
+
+METHODS = ("lora", "full")
+
+
+class ConfigValueError(ValueError):
+    """A flag value that cannot work."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    task: str = "rte"
+    model: str = "roberta-base"
+    data_dir: str | None = None
+    dev_file: str | None = None
+    method: str = "lora"
+    # LoRA
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    targets: str = "qv"  # a preset name (qv, qkvo, all) or comma-separated regexes
+    lora_init: str = "kaiming"
+    rslora: bool = False
+    lora_forward: str = "factored"  # "factored" x@W + s(x@A)@B, or "merged" x@(W + sAB)
+    # optimisation
+    epochs: float = 3.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    lr: float = 5e-4
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    # data
+    max_seq_len: int = 128
+    num_buckets: int = 8
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    # numerics and memory
+    param_dtype: str = "float32"  # dtype of the frozen base
+    compute_dtype: str = "float32"
+    remat: str = "none"
+    # bookkeeping
+    seed: int = 0
+    eval_every: int | None = None  # steps; default once per epoch
+    log_every: int = 10
+    output_dir: str = "runs/latest"
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.batch_size <= 0:
+            raise ConfigValueError(f"--batch-size must be > 0, got {self.batch_size}")
+        if self.max_seq_len < 8:
+            raise ConfigValueError(f"--max-seq-len must be >= 8, got {self.max_seq_len}")
+        if self.epochs <= 0:
+            raise ConfigValueError(f"--epochs must be > 0, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigValueError(f"--max-steps must be > 0, got {self.max_steps}")
+        if not self.lr > 0:
+            raise ConfigValueError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            raise ConfigValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.eval_every is not None and self.eval_every <= 0:
+            raise ConfigValueError(f"--eval-every must be > 0, got {self.eval_every}")
+        if self.num_buckets < 1:
+            raise ConfigValueError(f"--num-buckets must be >= 1, got {self.num_buckets}")
+        if self.lora_forward not in ("factored", "merged"):
+            raise ConfigValueError(f"--lora-forward must be 'factored' or 'merged', got {self.lora_forward!r}")
+        for name in ("max_train_examples", "max_eval_examples"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+        self.lora_config()  # raises LoraError on bad rank / alpha / dropout / patterns
+
+    def target_patterns(self) -> tuple[str, ...]:
+        if self.targets in TARGET_PRESETS:
+            return TARGET_PRESETS[self.targets]
+        return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+
+    def lora_config(self) -> LoraConfig:
+        if self.method == "full":
+            return full_finetuning()
+        return LoraConfig(
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            targets=self.target_patterns(),
+            init_a=self.lora_init,
+            rslora=self.rslora,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The LoRA paper's RoBERTa-base hyperparameters (Hu et al., 2021, Table 9).
+_PAPER_BATCH = {"mnli": 16, "sst2": 16, "mrpc": 16, "cola": 32, "qnli": 32, "qqp": 16, "rte": 32, "stsb": 16}
+_PAPER_LR = {"mnli": 5e-4, "sst2": 5e-4, "mrpc": 4e-4, "cola": 4e-4, "qnli": 4e-4, "qqp": 5e-4, "rte": 5e-4, "stsb": 4e-4}
+_PAPER_EPOCHS = {"mnli": 30, "sst2": 60, "mrpc": 30, "cola": 80, "qnli": 25, "qqp": 25, "rte": 80, "stsb": 40}
+
+
+def preset(name: str, task: str) -> dict:
+    """Field values of a named preset for ``task`` (applied before explicit flags)."""
+    if name == "paper":
+        if task not in _PAPER_BATCH:
+            raise ConfigValueError(f"the paper preset has no hyperparameters for {task!r}")
+        return dict(
+            batch_size=_PAPER_BATCH[task], lr=_PAPER_LR[task], epochs=float(_PAPER_EPOCHS[task]),
+            lora_rank=8, lora_alpha=8.0, warmup_ratio=0.06, max_seq_len=512, weight_decay=0.1,
+        )
+    if name == "tiny":
+        # Seconds on a CPU: a few steps on a few examples, short sequences.
+        return dict(
+            batch_size=8, max_seq_len=64, max_steps=8, epochs=1.0, lr=1e-3, warmup_ratio=0.0,
+            max_train_examples=64, max_eval_examples=32, num_buckets=2, log_every=1,
+        )
+    raise ConfigValueError(f"unknown preset {name!r}; choose paper or tiny")

@@ -1,0 +1,350 @@
+"""LoRA as a pure transform of parameter pytrees (Hu et al., 2021).
+
+Conventions
+-----------
+* Parameter trees are nested dicts of arrays (Flax Linen ``params``). A leaf is
+  named by its ``/``-joined path, e.g. ``encoder/layer/0/attention/self/query/kernel``;
+  target and trainable patterns are matched with ``re.fullmatch`` on that path.
+* Flax kernels are ``(d_in, d_out)``: the transpose of torch's ``(out, in)``.
+  A kernel of higher rank (a conv kernel ``(kh, kw, c_in, c_out)``) is treated as
+  the ``(kh*kw*c_in, c_out)`` matrix, so LoRA applies to any Flax model.
+* Adapters are ``{kernel_path: {"a": (d_in, r), "b": (r, d_out)}}``, kept in
+  float32 whatever the base dtype. ``b`` starts at zero, so ΔW = 0 at init.
+* ΔW = scale · a @ b, with scale = alpha / r (or alpha / sqrt(r) with rsLoRA).
+
+The "LoRA tree" that training, checkpoints and counts work on is
+``{"params": params, "lora": adapters}``; :func:`labels` marks each of its
+leaves "lora", "trainable" or "frozen", and that one labelling drives the
+optimizer, the checkpoint filter and the parameter counts.
+
+This module imports only jax and numpy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = dict[str, Any]
+Adapters = dict[str, dict[str, jax.Array]]
+
+# Target presets for BERT/RoBERTa-style parameter paths.
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "qv": (r".*attention/self/(query|value)/kernel",),
+    "qkvo": (r".*attention/(self/(query|key|value)|output/dense)/kernel",),
+    "all": (
+        r".*attention/(self/(query|key|value)|output/dense)/kernel",
+        r".*layer/\d+/(intermediate|output)/dense/kernel",
+    ),
+}
+
+LORA, TRAINABLE, FROZEN = "lora", "trainable", "frozen"
+
+
+class LoraError(ValueError):
+    """A LoRA option or target that does not fit the parameter tree."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """What LoRA adapts and how.
+
+    Attributes:
+      rank: r, the inner dimension of ΔW = a @ b; 0 < r <= min(d_in, d_out).
+      alpha: ΔW is scaled by alpha / r (or alpha / sqrt(r) with ``rslora``).
+      dropout: dropout rate on the LoRA input path only (x -> dropout -> a -> b);
+        needs the factored forward, since a merged weight has no separate path.
+      targets: regexes (fullmatch on ``/``-joined paths) of the kernels to adapt.
+        Empty means no adapters (full fine-tuning uses this with ``trainable=(".*",)``).
+      trainable: regexes of base parameters trained in full and saved with the
+        adapter (the task head).
+      init_a: "kaiming" (uniform, bound 1/sqrt(d_in): torch's Linear default and
+        peft's) or "gaussian" (std 1/r, peft's ``init_lora_weights="gaussian"``).
+      rslora: use alpha / sqrt(r) (Kalajdzievski, 2023) instead of alpha / r.
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = TARGET_PRESETS["qv"]
+    trainable: tuple[str, ...] = (r"classifier/.*",)
+    init_a: Literal["kaiming", "gaussian"] = "kaiming"
+    rslora: bool = False
+
+    def __post_init__(self):
+        if self.targets:
+            if not isinstance(self.rank, int) or self.rank <= 0:
+                raise LoraError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+            if not self.alpha > 0:
+                raise LoraError(f"LoRA alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoraError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init_a not in ("kaiming", "gaussian"):
+            raise LoraError(f"init_a must be 'kaiming' or 'gaussian', got {self.init_a!r}")
+        for pattern in self.targets + self.trainable:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise LoraError(f"invalid pattern {pattern!r}: {e}") from None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+def full_finetuning() -> LoraConfig:
+    """The configuration of full fine-tuning: no adapters, every parameter trainable."""
+    return LoraConfig(targets=(), trainable=(".*",))
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{"a/b/c": leaf}`` (insertion order kept)."""
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, path + "/"))
+        else:
+            flat[path] = value
+    return flat
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    """Inverse of :func:`flatten`."""
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, name = path.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[name] = value
+    return tree
+
+
+def _matches(path: str, patterns: tuple[str, ...]) -> bool:
+    return any(re.fullmatch(p, path) for p in patterns)
+
+
+def target_paths(params: Params, cfg: LoraConfig) -> list[str]:
+    """Paths of the kernels ``cfg.targets`` selects.
+
+    Raises LoraError if a pattern matches nothing (a typo would otherwise
+    silently train only the head) or selects a leaf that is not a matrix.
+    """
+    flat = flatten(params)
+    for pattern in cfg.targets:
+        if not any(re.fullmatch(pattern, p) for p in flat):
+            raise LoraError(f"LoRA target pattern {pattern!r} matches no parameter")
+    paths = [p for p in flat if _matches(p, cfg.targets)]
+    for p in paths:
+        if np.ndim(flat[p]) < 2:
+            raise LoraError(f"LoRA target {p} has shape {np.shape(flat[p])}: not a matrix or kernel")
+    return paths
+
+
+def _as_matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """A kernel ``(..., d_out)`` as the matrix ``(prod(...), d_out)``."""
+    return int(np.prod(shape[:-1])), int(shape[-1])
+
+
+# ----------------------------------------------------------------------------- init / merge
+
+
+def init(params: Params, cfg: LoraConfig, key: jax.Array) -> Adapters:
+    """Fresh adapters for every target kernel; ``b = 0`` so ΔW = 0.
+
+    Returns ``{path: {"a": (d_in, r), "b": (r, d_out)}}`` in float32.
+    """
+    flat = flatten(params)
+    adapters = {}
+    paths = target_paths(params, cfg)
+    for i, path in enumerate(paths):
+        d_in, d_out = _as_matrix_shape(np.shape(flat[path]))
+        if cfg.rank > min(d_in, d_out):
+            raise LoraError(
+                f"LoRA rank {cfg.rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} of {path}"
+            )
+        k = jax.random.fold_in(key, i)
+        if cfg.init_a == "gaussian":
+            a = jax.random.normal(k, (d_in, cfg.rank), jnp.float32) / cfg.rank
+        else:
+            bound = 1.0 / math.sqrt(d_in)
+            a = jax.random.uniform(k, (d_in, cfg.rank), jnp.float32, -bound, bound)
+        adapters[path] = {"a": a, "b": jnp.zeros((cfg.rank, d_out), jnp.float32)}
+    return adapters
+
+
+def delta(adapter: dict[str, jax.Array], cfg: LoraConfig) -> jax.Array:
+    """ΔW = scale · a @ b as a float32 ``(d_in, d_out)`` matrix."""
+    a = adapter["a"].astype(jnp.float32)
+    b = adapter["b"].astype(jnp.float32)
+    return cfg.scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def table(adapters: dict) -> Adapters:
+    """``{path: {"a", "b"}}`` from adapters in that form or nested by path (as ``unflatten`` leaves them)."""
+    out: Adapters = {}
+    for key, leaf in flatten(adapters).items():
+        path, _, factor = key.rpartition("/")
+        out.setdefault(path, {})[factor] = leaf
+    return out
+
+
+def merge(params: Params, adapters: Adapters, cfg: LoraConfig) -> Params:
+    """A new tree with W + ΔW at each adapted kernel (fp32 sum, cast back to W's dtype).
+
+    Pure: ``params`` is not modified. The result runs in the plain model.
+    """
+    flat = flatten(params)
+    out = dict(flat)
+    for path, adapter in table(adapters).items():
+        w = flat[path]
+        merged = w.astype(jnp.float32) + delta(adapter, cfg).reshape(w.shape)
+        out[path] = merged.astype(w.dtype)
+    return unflatten(out)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclass
+class LoraKernel:
+    """A kernel that computes ``x @ W + scale · dropout(x) @ a @ b`` without forming W + ΔW.
+
+    It stands in a parameter tree where a model does ``x @ kernel``: JAX arrays
+    defer ``@`` to an unknown right operand, so ``__rmatmul__`` takes over and
+    the model code needs no LoRA branch. ``w`` is the first leaf, so Flax's
+    shape check against the declared kernel still applies.
+    """
+
+    w: jax.Array
+    a: jax.Array
+    b: jax.Array
+    key: jax.Array | None = None
+    scale: float = 1.0
+    dropout: float = 0.0
+
+    def tree_flatten(self):
+        return (self.w, self.a, self.b, self.key), (self.scale, self.dropout)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def shape(self):
+        return self.w.shape
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    def astype(self, dtype) -> "LoraKernel":
+        # The compute dtype applies to every factor; the fp32 masters stay outside.
+        return LoraKernel(
+            self.w.astype(dtype), self.a.astype(dtype), self.b.astype(dtype),
+            self.key, self.scale, self.dropout,
+        )
+
+    def __rmatmul__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        h = x
+        if self.key is not None and self.dropout > 0.0:
+            keep = jax.random.bernoulli(self.key, 1.0 - self.dropout, x.shape)
+            h = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(dt)
+        low = (h @ self.a.astype(dt)) @ self.b.astype(dt)
+        return x @ self.w.astype(dt) + (self.scale * low).astype(dt)
+
+
+def apply(
+    params: Params,
+    adapters: Adapters,
+    cfg: LoraConfig,
+    *,
+    mode: Literal["merged", "factored"] = "factored",
+    rng: jax.Array | None = None,
+) -> Params:
+    """The parameter tree a model runs with.
+
+    ``merged``: W + ΔW (works with any Flax model; no LoRA dropout).
+    ``factored``: :class:`LoraKernel` leaves, for models that compute ``x @ kernel``;
+    LoRA dropout is applied when ``rng`` is given and ``cfg.dropout > 0``.
+    """
+    if mode == "merged":
+        if rng is not None and cfg.dropout > 0:
+            raise LoraError("LoRA dropout needs the factored forward (a merged weight has no LoRA path)")
+        return merge(params, adapters, cfg)
+    if mode != "factored":
+        raise LoraError(f"unknown LoRA forward mode {mode!r}")
+    flat = flatten(params)
+    out = dict(flat)
+    for i, (path, adapter) in enumerate(table(adapters).items()):
+        w = flat[path]
+        if w.ndim != 2:
+            raise LoraError(f"the factored forward needs a 2-D kernel; {path} has shape {w.shape}")
+        key = None if rng is None or cfg.dropout == 0 else jax.random.fold_in(rng, i)
+        out[path] = LoraKernel(w, adapter["a"], adapter["b"], key, cfg.scale, cfg.dropout)
+    return unflatten(out)
+
+
+# ----------------------------------------------------------------------------- labels / counts
+
+
+def labels(tree: dict, cfg: LoraConfig) -> dict:
+    """Label every leaf of ``{"params": ..., "lora": ...}`` as "lora", "trainable" or "frozen".
+
+    Adapter leaves are "lora"; base parameters matching ``cfg.trainable`` are
+    "trainable"; every other base parameter is "frozen" (adapted kernels too:
+    their adapters train, they do not). Same structure as ``tree``.
+    """
+    params = flatten(tree.get("params", {}))
+    for pattern in cfg.trainable:
+        if params and not any(re.fullmatch(pattern, p) for p in params):
+            raise LoraError(f"trainable pattern {pattern!r} matches no parameter")
+    out = {"params": unflatten({p: TRAINABLE if _matches(p, cfg.trainable) else FROZEN for p in params})}
+    if "lora" in tree:
+        out["lora"] = jax.tree_util.tree_map(lambda _: LORA, tree["lora"])
+    return out
+
+
+def partition(tree: dict, label_tree: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a tree into flat ``(trainable, frozen)`` dicts; "lora" counts as trainable."""
+    flat, flat_labels = flatten(tree), flatten(label_tree)
+    trainable = {p: v for p, v in flat.items() if flat_labels[p] != FROZEN}
+    frozen = {p: v for p, v in flat.items() if flat_labels[p] == FROZEN}
+    return trainable, frozen
+
+
+def combine(*flats: dict[str, Any]) -> dict:
+    """Inverse of :func:`partition`: flat dicts -> one nested tree."""
+    merged: dict[str, Any] = {}
+    for f in flats:
+        merged.update(f)
+    return unflatten(merged)
+
+
+def count(tree: dict, label_tree: dict) -> dict[str, int]:
+    """Number of scalars per label, plus "total" (base + adapters)."""
+    counts = {LORA: 0, TRAINABLE: 0, FROZEN: 0}
+    flat_labels = flatten(label_tree)
+    for path, leaf in flatten(tree).items():
+        counts[flat_labels[path]] += int(np.prod(np.shape(leaf)))
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def describe(counts: dict[str, int]) -> str:
+    """One line from :func:`count`'s result: what trains and how much of it."""
+    trained = counts[LORA] + counts[TRAINABLE]
+    return (
+        f"LoRA parameters: {counts[LORA]:,} | trained base parameters (head): {counts[TRAINABLE]:,} | "
+        f"frozen: {counts[FROZEN]:,} | trained: {trained:,} of {counts['total']:,} "
+        f"({100 * trained / max(counts['total'], 1):.3f}%)"
+    )

@@ -1,0 +1,369 @@
+"""A Flax (Linen) BERT / RoBERTa encoder with a sequence-classification head.
+
+The model knows nothing of LoRA: every projection is ``x @ kernel + bias``, so
+a kernel may be a plain array or any object that implements ``__rmatmul__``
+(see ``lora.LoraKernel``).
+
+Parameter names follow Hugging Face's Flax models without the ``bert/`` or
+``roberta/`` prefix, e.g. ``encoder/layer/0/attention/self/query/kernel``.
+Kernels are ``(d_in, d_out)``.
+
+Shapes: B = batch, T = sequence length, H = hidden size, N = heads, D = H / N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+SUPPORTED_MODEL_TYPES = ("bert", "roberta")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A model configuration we cannot build."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture, read from a Hugging Face ``config.json``.
+
+    ``dtype`` is the compute dtype (matmuls, activations); LayerNorm statistics
+    and the softmax run in float32 whatever it is. ``remat`` recomputes each
+    layer's activations in the backward pass instead of storing them.
+    """
+
+    model_type: Literal["bert", "roberta"] = "roberta"
+    vocab_size: int = 50265
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    classifier_dropout: float | None = None
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    initializer_range: float = 0.02
+    num_labels: int = 2
+    dtype: str = "float32"
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unsupported dtype {self.dtype!r}; supported: {', '.join(DTYPES)}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"unknown remat policy {self.remat!r}; choose from {', '.join(REMAT_POLICIES)}")
+        if self.num_labels < 1:
+            raise ConfigError(f"num_labels must be >= 1, got {self.num_labels}")
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
+        """Build from a parsed Hugging Face ``config.json`` (unknown keys ignored)."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in hf.items() if k in names and v is not None}
+        values.update(overrides)
+        return cls(**values)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The ``config.json`` fields transformers needs to rebuild this architecture."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dtype", "remat", "num_labels")}
+        out["architectures"] = [
+            "RobertaForSequenceClassification" if self.model_type == "roberta" else "BertForSequenceClassification"
+        ]
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        return out
+
+    def architecture_hash(self) -> str:
+        """A short hash of the fields that fix parameter shapes and semantics (not dtype/remat)."""
+        keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "intermediate_size", "hidden_act", "max_position_embeddings", "type_vocab_size",
+                "layer_norm_eps", "pad_token_id")
+        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def max_positions(self) -> int:
+        """Longest sequence the position table allows (RoBERTa reserves pad_token_id + 1 slots)."""
+        if self.model_type == "roberta":
+            return self.max_position_embeddings - self.pad_token_id - 1
+        return self.max_position_embeddings
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _normal(cfg: ModelConfig):
+    return nn.initializers.normal(stddev=cfg.initializer_range)
+
+
+class Dense(nn.Module):
+    """``y = x @ kernel + bias`` with kernel ``(d_in, features)``; matmul in the compute dtype."""
+
+    features: int
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", _normal(self.cfg), (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        dt = DTYPES[self.cfg.dtype]
+        return x.astype(dt) @ kernel.astype(dt) + bias.astype(dt)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with float32 statistics, output in the compute dtype."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        h = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (h,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (h,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.cfg.layer_norm_eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(DTYPES[self.cfg.dtype])
+
+
+class Embeddings(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, attention_mask, *, deterministic):
+        cfg = self.cfg
+        if cfg.model_type == "roberta":
+            # fairseq convention: positions count real tokens from pad_token_id + 1; pads sit at pad_token_id.
+            not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+            position_ids = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
+        else:
+            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        embed = lambda n, name: nn.Embed(n, cfg.hidden_size, embedding_init=_normal(cfg), name=name)
+        x = (
+            embed(cfg.vocab_size, "word_embeddings")(input_ids)
+            + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids)
+            + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        )
+        x = LayerNorm(cfg, name="LayerNorm")(x)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class SelfAttention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, bias, *, deterministic):
+        """x: (B, T, H); bias: (B, 1, 1, T) additive mask, 0 for tokens and a large negative for pads."""
+        cfg = self.cfg
+        n, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        split = lambda t: t.reshape(*t.shape[:2], n, d)
+        q = split(Dense(cfg.hidden_size, cfg, name="query")(x))
+        k = split(Dense(cfg.hidden_size, cfg, name="key")(x))
+        v = split(Dense(cfg.hidden_size, cfg, name="value")(x))
+        scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(d).astype(q.dtype)
+        # Softmax in float32: bfloat16 logits lose the small differences that matter here.
+        probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(q.dtype)
+        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        out = jnp.einsum("bnqk,bknd->bqnd", probs, v)
+        return out.reshape(*x.shape[:2], cfg.hidden_size)
+
+
+class DenseOutput(nn.Module):
+    """HF's ``*Output`` block: LayerNorm(residual + dropout(dense(x)))."""
+
+    features: int
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, residual, *, deterministic):
+        h = Dense(self.features, self.cfg, name="dense")(x)
+        h = nn.Dropout(self.cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+        return LayerNorm(self.cfg, name="LayerNorm")(h + residual)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, bias, *, deterministic):
+        h = SelfAttention(self.cfg, name="self")(x, bias, deterministic=deterministic)
+        return DenseOutput(self.cfg.hidden_size, self.cfg, name="output")(h, x, deterministic=deterministic)
+
+
+class Intermediate(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        return ACTIVATIONS[self.cfg.hidden_act](Dense(self.cfg.intermediate_size, self.cfg, name="dense")(x))
+
+
+class Layer(nn.Module):
+    """One post-LayerNorm transformer block, named as in HF: attention, intermediate, output."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, bias, deterministic):
+        h = Attention(self.cfg, name="attention")(x, bias, deterministic=deterministic)
+        m = Intermediate(self.cfg, name="intermediate")(h)
+        return DenseOutput(self.cfg.hidden_size, self.cfg, name="output")(m, h, deterministic=deterministic)
+
+
+class LayerStack(nn.Module):
+    """The layers, named ``0 .. L-1`` so paths read ``encoder/layer/<i>/...`` as in HF."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, bias, *, deterministic):
+        block = Layer
+        if self.cfg.remat != "none":
+            # static_argnums counts the module as argument 0: `deterministic` is a Python bool.
+            block = nn.remat(Layer, policy=REMAT_POLICIES[self.cfg.remat], static_argnums=(3,))
+        for i in range(self.cfg.num_hidden_layers):
+            x = block(self.cfg, name=str(i))(x, bias, deterministic)
+        return x
+
+
+class Encoder(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, bias, *, deterministic):
+        return LayerStack(self.cfg, name="layer")(x, bias, deterministic=deterministic)
+
+
+class RobertaHead(nn.Module):
+    """RoBERTa's head on the first token: dropout, dense, tanh, dropout, out_proj."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, first, *, deterministic):
+        cfg = self.cfg
+        rate = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
+        drop = lambda t: nn.Dropout(rate)(t, deterministic=deterministic)
+        h = jnp.tanh(Dense(cfg.hidden_size, cfg, name="dense")(drop(first)))
+        return Dense(cfg.num_labels, cfg, name="out_proj")(drop(h))
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: tanh(dense(first token))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, first):
+        return jnp.tanh(Dense(self.cfg.hidden_size, self.cfg, name="dense")(first))
+
+
+class EncoderForClassification(nn.Module):
+    """BERT or RoBERTa encoder + sequence-classification (or regression, num_labels = 1) head.
+
+    Top-level parameters: ``embeddings``, ``encoder``, ``pooler`` (BERT only),
+    ``classifier`` (BERT: one Dense; RoBERTa: ``dense`` + ``out_proj``).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True):
+        """input_ids, attention_mask, token_type_ids: (B, T) int. Returns dict with
+        ``logits`` (B, num_labels) float32 and ``hidden`` (B, T, H) in the compute dtype."""
+        cfg = self.cfg
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, attention_mask, deterministic=deterministic)
+        # Additive mask (B, 1, 1, T): padded keys get the most negative float32, as HF does.
+        bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        hidden = Encoder(cfg, name="encoder")(x, bias, deterministic=deterministic)
+        first = hidden[:, 0]
+        if cfg.model_type == "roberta":
+            logits = RobertaHead(cfg, name="classifier")(first, deterministic=deterministic)
+        else:
+            rate = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
+            pooled = nn.Dropout(rate)(Pooler(cfg, name="pooler")(first), deterministic=deterministic)
+            logits = Dense(cfg.num_labels, cfg, name="classifier")(pooled)
+        return {"logits": logits.astype(jnp.float32), "hidden": hidden}
+
+
+def build(cfg: ModelConfig) -> EncoderForClassification:
+    return EncoderForClassification(cfg)
+
+
+def dummy_batch(batch_size: int = 1, seq_len: int = 8) -> dict[str, jax.Array]:
+    ids = jnp.full((batch_size, seq_len), 5, jnp.int32)
+    return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "token_type_ids": jnp.zeros_like(ids)}
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+    """Random parameters with HF's initialisation (normal(0, initializer_range), zero bias, unit LN)."""
+    return build(cfg).init(key, **dummy_batch())["params"]
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, without allocating."""
+    return jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+
+
+def forward(
+    cfg: ModelConfig,
+    params: dict,
+    batch: dict[str, jax.Array],
+    *,
+    train: bool = False,
+    rng: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """Pure forward pass: ``params`` -> {"logits": (B, num_labels), "hidden": (B, T, H)}.
+
+    ``train=True`` turns dropout on and needs ``rng``.
+    """
+    if train and rng is None:
+        raise ValueError("forward(train=True) needs an rng for dropout")
+    return build(cfg).apply(
+        {"params": params},
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch.get("token_type_ids"),
+        deterministic=not train,
+        rngs={"dropout": rng} if train else {},
+    )

@@ -1,0 +1,73 @@
+"""Measurements that reports share: memory, timings, versions, device."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import resource
+import statistics
+import sys
+from importlib import metadata
+
+import jax
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(kib) * (1 if sys.platform == "darwin" else 1024)
+
+
+def peak_device_bytes() -> int | None:
+    """``memory_stats()["peak_bytes_in_use"]`` of device 0, where the backend has it (GPU/TPU)."""
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # CPU backends raise or return None depending on the version
+        return None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def compiled_memory(compiled) -> dict[str, int] | None:
+    """XLA's memory analysis of a compiled function: argument, output, temp and alias bytes."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:
+        return None
+    if m is None:
+        return None
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+              "alias_size_in_bytes", "generated_code_size_in_bytes")
+    out = {f.removesuffix("_size_in_bytes") + "_bytes": int(getattr(m, f, 0)) for f in fields}
+    # Donated arguments alias outputs: count them once.
+    out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+    return out
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def versions(*packages: str) -> dict[str, str]:
+    names = packages or ("lora-jax", "jax", "jaxlib", "flax", "optax", "numpy", "transformers", "tokenizers")
+    out = {"python": platform.python_version()}
+    for p in names:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def device_info() -> dict[str, str | int]:
+    d = jax.devices()[0]
+    return {
+        "platform": d.platform,
+        "device_kind": d.device_kind,
+        "device_count": jax.device_count(),
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,74 @@
+"""A run's report: ``report.json`` (everything) and ``report.md`` (what a reader wants first)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _mib(n: int | None) -> str:
+    return "unmeasured" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def _num(x, fmt: str) -> str:
+    return "unmeasured" if x is None else format(x, fmt)
+
+
+def markdown(r: dict) -> str:
+    c = r["config"]
+    lines = [
+        f"# {r['task']} · {r['method']} · {r['model']}",
+        "",
+        f"{r['date']} on {r['device']['platform']} ({r['device']['device_kind']}), "
+        f"jax {r['versions'].get('jax')}, flax {r['versions'].get('flax')}",
+        "",
+        "## Dev metrics",
+        "",
+        "| split | metric | final | best | best at step |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for split, m in r["metrics"].items():
+        for name, value in m["final"]["values"].items():
+            lines.append(f"| {split} | {name} | {value:.4f} | {m['best']['values'][name]:.4f} | {m['best']['step']} |")
+    mem = r["memory"]
+    comp = mem["train_step_compiled"] or {}
+    lines += [
+        "",
+        "## Cost",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| trainable parameters | {r['trainable_params']:,} (LoRA {r['lora_params']:,}, head {r['head_params']:,}) |",
+        f"| total parameters | {r['total_params']:,} |",
+        f"| steps | {r['steps']} ({r['epochs_run']} epochs of {r['train_examples']:,} examples) |",
+        f"| examples/s | {_num(r['train_examples_per_sec'], ',.1f')} |",
+        f"| real tokens/s | {_num(r['train_tokens_per_sec'], ',.0f')} |",
+        f"| median step time | {_num(r['step_time_median_s'], '.4f')} s |",
+        f"| compile time | {r['compile_time_s']:.1f} s ({r['compilations']} compilations, buckets {r['buckets']}) |",
+        f"| padding share | {100 * r['padding_share']:.1f}% |",
+        f"| peak device memory | {_mib(mem['peak_device_bytes'])} |",
+        f"| train step, XLA memory analysis (largest bucket) | args {_mib(comp.get('argument_bytes'))}, "
+        f"temp {_mib(comp.get('temp_bytes'))}, output {_mib(comp.get('output_bytes'))} |",
+        f"| peak RSS | {_mib(mem['peak_rss_bytes'])} |",
+        f"| wall time | {r['wall_time_s']:.1f} s |",
+        "",
+        "## Config",
+        "",
+        "```json",
+        json.dumps(c, indent=1),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, report: dict) -> None:
+    _atomic_write(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    _atomic_write(out / "report.md", markdown(report))

@@ -1,0 +1,438 @@
+"""Train state, optimizer, the jitted train and eval steps, and ``fit``.
+
+Parameter flow: the model's parameters and the LoRA adapters form one tree
+``{"params": ..., "lora": ...}``; ``lora.labels`` marks each leaf, and
+``lora.partition`` splits it into a flat ``trainable`` dict (the LoRA factors
+and the head, float32) and a flat ``frozen`` dict (the base, any dtype). Only
+``trainable`` is differentiated, optimized (optax.multi_transform over the
+same labels) and donated; ``frozen`` is passed unchanged into every step, so
+it stays bit-identical and owns no optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import data as data_lib
+from . import lora, metrics, profiling, weights
+from .config import TrainConfig
+from .model import ModelConfig, forward
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot start (e.g. an output directory holding another run)."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: dict[str, jax.Array]
+    opt_state: Any
+    rng: jax.Array
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def no_weight_decay(path: str) -> bool:
+    """Biases and LayerNorm parameters are not decayed (as in BERT, RoBERTa and the LoRA paper)."""
+    return path.endswith("/bias") or "LayerNorm" in path
+
+
+def schedule(lr: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
+    """Linear warm-up from 0 to ``lr`` over ``warmup_ratio`` of the steps, then linear decay to 0."""
+    warmup = int(round(warmup_ratio * total_steps))
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1))],
+        [warmup],
+    ) if warmup else optax.linear_schedule(lr, 0.0, max(total_steps, 1))
+
+
+def make_optimizer(label_of: dict[str, str], cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW per label ("lora", "trainable") with one schedule.
+
+    ``label_of`` maps each trainable flat path to its label (from ``lora.labels``);
+    frozen parameters never reach the optimizer, so they own no state.
+    """
+
+    def decay_mask(params):
+        # Inside multi_transform the other label's leaves are empty MaskedNodes: map per entry.
+        return {k: jax.tree.map(lambda _: not no_weight_decay(k), v) for k, v in params.items()}
+
+    adamw = optax.adamw(schedule(cfg.lr, total_steps, cfg.warmup_ratio), b1=0.9, b2=0.999, eps=1e-8,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    used = sorted(set(label_of.values()))
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.multi_transform({name: adamw for name in used}, label_of),
+    )
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def task_loss(logits: jax.Array, labels: jax.Array, regression: bool) -> jax.Array:
+    """Mean cross-entropy over classes, or mean squared error for regression (num_labels = 1)."""
+    if regression:
+        return jnp.mean(jnp.square(logits[:, 0] - labels.astype(jnp.float32)))
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def model_params(trainable: dict, frozen: dict, lcfg: lora.LoraConfig, *, mode: str, rng=None) -> dict:
+    """The parameter tree the model runs with: base + head, with the adapters applied."""
+    tree = lora.combine(frozen, trainable)
+    adapters = tree.get("lora")
+    if not adapters:
+        return tree["params"]
+    return lora.apply(tree["params"], adapters, lcfg, mode=mode, rng=rng)
+
+
+def make_train_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, optimizer, *, mode: str, regression: bool) -> Callable:
+    """``step(state, frozen, batch) -> (state, {"loss", "grad_norm"})``, jitted with ``state`` donated."""
+
+    def loss_fn(trainable, frozen, batch, rng):
+        k_lora, k_drop = jax.random.split(rng)
+        params = model_params(trainable, frozen, lcfg, mode=mode, rng=k_lora)
+        logits = forward(mcfg, params, batch, train=True, rng=k_drop)["logits"]
+        return task_loss(logits, batch["labels"], regression)
+
+    def step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        # Gradients with respect to `trainable` only: no zero gradients are formed for the base.
+        loss, grads = jax.value_and_grad(loss_fn)(state.trainable, frozen, batch, rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(mcfg: ModelConfig, lcfg: lora.LoraConfig) -> Callable:
+    """``eval(trainable, frozen, batch) -> logits (B, num_labels)``; adapters merged (no dropout)."""
+
+    def evaluate(trainable, frozen, batch):
+        params = model_params(trainable, frozen, lcfg, mode="merged")
+        return forward(mcfg, params, batch, train=False)["logits"]
+
+    return jax.jit(evaluate)
+
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+class PerShape:
+    """Ahead-of-time compiles ``fn`` once per input shape and counts the compilations.
+
+    A bounded number of shapes (length buckets) means a bounded number of
+    compilations; the count and the compile seconds go into the report.
+    """
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.compiled: dict[tuple, Any] = {}
+        self.compile_seconds = 0.0
+
+    def __call__(self, *args):
+        key = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args[-1]))
+        if key not in self.compiled:
+            t0 = time.perf_counter()
+            self.compiled[key] = self.fn.lower(*args).compile()
+            self.compile_seconds += time.perf_counter() - t0
+        return self.compiled[key](*args)
+
+    @property
+    def count(self) -> int:
+        return len(self.compiled)
+
+    def largest(self):
+        """The executable for the largest input (by element count), for the memory analysis."""
+        if not self.compiled:
+            return None
+        key = max(self.compiled, key=lambda k: sum(int(np.prod(s)) for s, _ in k))
+        return self.compiled[key]
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Setup:
+    """Everything a run derives from its config before the first step."""
+
+    cfg: TrainConfig
+    task: data_lib.Task
+    mcfg: ModelConfig
+    lcfg: lora.LoraConfig
+    frozen: dict[str, jax.Array]
+    trainable: dict[str, jax.Array]
+    label_of: dict[str, str]
+    counts: dict[str, int]
+    load_report: weights.LoadReport
+    tokenizer: Any
+    train: data_lib.Encoded
+    dev: dict[str, data_lib.Encoded]
+    buckets: tuple[int, ...]
+    model_dir: Path
+
+
+def setup(cfg: TrainConfig) -> Setup:
+    cfg.validate()
+    task = data_lib.get_task(cfg.task)
+    model_dir = weights.resolve(cfg.model)
+    key = jax.random.key(cfg.seed)
+    k_head, k_lora = jax.random.split(key)
+    mcfg = weights.read_config(model_dir, num_labels=task.num_labels, dtype=cfg.compute_dtype, remat=cfg.remat)
+    if cfg.max_seq_len > mcfg.max_positions:
+        raise data_lib.DataError(
+            f"--max-seq-len {cfg.max_seq_len} exceeds the model's maximum of {mcfg.max_positions} positions"
+        )
+    train_ex = data_lib.load_split(task, "train", cfg.data_dir).head(cfg.max_train_examples)
+    dev_ex = {}
+    for split in task.dev_splits:
+        if cfg.dev_file is not None and split == task.dev_splits[0]:
+            dev_ex[split] = data_lib.load_split(task, split, file=cfg.dev_file)
+        else:
+            try:
+                dev_ex[split] = data_lib.load_split(task, split, cfg.data_dir)
+            except data_lib.DataError:
+                if split == task.dev_splits[0]:
+                    raise
+                log.warning("no %s split for %s: evaluating on %s only", split, task.name, task.dev_splits[0])
+        if split in dev_ex:
+            dev_ex[split] = dev_ex[split].head(cfg.max_eval_examples)
+
+    params, report = weights.load_params(model_dir, mcfg, key=k_head, param_dtype=cfg.param_dtype)
+    log.info(report.summary())
+    lcfg = cfg.lora_config()
+    tree = {"params": params}
+    if lcfg.targets:
+        tree["lora"] = lora.init(params, lcfg, k_lora)
+    label_tree = lora.labels(tree, lcfg)
+    counts = lora.count(tree, label_tree)
+    trainable, frozen = lora.partition(tree, label_tree)
+    # Trained parameters keep float32 masters whatever the base dtype.
+    trainable = {p: v.astype(jnp.float32) for p, v in trainable.items()}
+    flat_labels = lora.flatten(label_tree)
+    label_of = {p: flat_labels[p] for p in trainable}
+
+    tokenizer = data_lib.load_tokenizer(str(model_dir))
+    train = data_lib.encode(tokenizer, train_ex, cfg.max_seq_len)
+    dev = {s: data_lib.encode(tokenizer, e, cfg.max_seq_len) for s, e in dev_ex.items()}
+    buckets = data_lib.bucket_lengths(cfg.max_seq_len, cfg.num_buckets)
+    return Setup(cfg, task, mcfg, lcfg, frozen, trainable, label_of, counts, report, tokenizer,
+                 train, dev, buckets, model_dir)
+
+
+def init_state(s: Setup, optimizer) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=s.trainable,
+        opt_state=optimizer.init(s.trainable),
+        rng=jax.random.key_data(jax.random.key(s.cfg.seed + 1)),
+    )
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(s: Setup, eval_fn: Callable, trainable: dict, batch_size: int) -> dict[str, dict[str, float]]:
+    """Metrics per dev split, e.g. {"dev": {"accuracy": 0.7}}."""
+    results = {}
+    for split, enc in s.dev.items():
+        preds = np.zeros(len(enc), np.float32 if s.task.is_regression else np.int64)
+        for idx in data_lib.eval_order(enc.lengths, batch_size):
+            batch = data_lib.collate(enc, idx, s.buckets, batch_size)
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+            logits = np.asarray(eval_fn(trainable, s.frozen, inputs))[: len(idx)]
+            preds[idx] = metrics.predictions_from_logits(logits, s.task.is_regression)
+        results[split] = metrics.compute(s.task.metrics, preds, enc.labels)
+    return results
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def steps_per_epoch(s: Setup) -> int:
+    return len(s.train) // s.cfg.batch_size
+
+
+def total_steps(s: Setup) -> int:
+    if s.cfg.max_steps is not None:
+        return s.cfg.max_steps
+    return max(1, math.ceil(s.cfg.epochs * steps_per_epoch(s)))
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse a directory that already holds a run, unless ``overwrite``."""
+    marks = ("report.json", "metrics.jsonl", "config.json")
+    if path.exists() and not path.is_dir():
+        raise RunError(f"--output-dir {path} exists and is not a directory")
+    held = [m for m in marks if (path / m).exists()]
+    if held and not overwrite:
+        raise RunError(f"--output-dir {path} already holds a run ({', '.join(held)}); pass --overwrite or choose another")
+    path.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for m in marks:
+            (path / m).unlink(missing_ok=True)
+
+
+def fit(cfg: TrainConfig, *, overwrite: bool = False, progress: bool = True) -> tuple[dict, TrainState]:
+    """Train, evaluate, and write ``report.json``, ``report.md`` and ``metrics.jsonl`` to ``cfg.output_dir``.
+
+    Returns the report and the final train state. Raises TrainingDiverged on a NaN/inf loss (files already
+    written stay).
+    """
+    from tqdm.auto import tqdm
+
+    from .report import write_report
+
+    t_start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    cfg.validate()
+    prepare_output_dir(out, overwrite)
+    s = setup(cfg)
+    _write_json_atomic(out / "config.json", cfg.to_dict())
+    n_steps = total_steps(s)
+    optimizer = make_optimizer(s.label_of, cfg, n_steps)
+    state = init_state(s, optimizer)
+    train_step = PerShape(make_train_step(s.mcfg, s.lcfg, optimizer, mode=cfg.lora_forward,
+                                          regression=s.task.is_regression))
+    eval_step = make_eval_step(s.mcfg, s.lcfg)
+    spe = steps_per_epoch(s)
+    if spe == 0:
+        raise data_lib.DataError(f"{len(s.train)} training examples are fewer than one batch of {cfg.batch_size}")
+    eval_every = cfg.eval_every or spe
+    log.info(lora.describe(s.counts))
+
+    history: list[dict] = []
+    best: dict[str, dict] = {}
+    step_times: list[float] = []
+    timed_examples = timed_tokens = 0
+    seen_shapes: set = set()
+    lengths = s.train.lengths
+    all_batches = []
+    metrics_file = open(out / "metrics.jsonl", "w")
+    bar = tqdm(total=n_steps, desc=f"{cfg.task} {cfg.method}", disable=not progress, unit="step")
+    step = 0
+    epoch = 0
+    primary_split = s.task.dev_splits[0]
+    try:
+        while step < n_steps:
+            batches = data_lib.train_order(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch)
+            all_batches.extend(batches)
+            for idx in batches:
+                if step >= n_steps:
+                    break
+                batch = data_lib.collate(s.train, idx, s.buckets, cfg.batch_size)
+                inputs = {k: batch[k] for k in _MODEL_INPUTS}
+                shape = inputs["input_ids"].shape
+                t0 = time.perf_counter()
+                compiles_before = train_step.compile_seconds
+                state, m = train_step(state, s.frozen, inputs)
+                loss = float(m["loss"])  # blocks until the step is done
+                dt = time.perf_counter() - t0 - (train_step.compile_seconds - compiles_before)
+                step += 1
+                if shape in seen_shapes:  # the first run of each shape is warm-up
+                    step_times.append(dt)
+                    timed_examples += shape[0]
+                    timed_tokens += int(batch["attention_mask"].sum())
+                seen_shapes.add(shape)
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss} at step {step}; try a lower --lr (now {cfg.lr})"
+                    )
+                if step % cfg.log_every == 0 or step == n_steps:
+                    rec = {"step": step, "epoch": epoch, "loss": loss, "grad_norm": float(m["grad_norm"]),
+                           "seq_len": shape[1]}
+                    metrics_file.write(json.dumps(rec) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(loss=f"{loss:.4f}",
+                                    ex_s=f"{timed_examples / sum(step_times):.1f}" if step_times else "-")
+                bar.update(1)
+                if step % eval_every == 0 or step == n_steps:
+                    res = evaluate(s, eval_step, state.trainable, cfg.batch_size)
+                    rec = {"step": step, "epoch": epoch, "eval": res}
+                    history.append(rec)
+                    metrics_file.write(json.dumps(rec) + "\n")
+                    metrics_file.flush()
+                    for split, values in res.items():
+                        if split not in best or values[s.task.primary] > best[split]["values"][s.task.primary]:
+                            best[split] = {"step": step, "values": values}
+                    bar.write(f"step {step}: " + ", ".join(
+                        f"{sp}/{k}={v:.4f}" for sp, vals in res.items() for k, v in vals.items()))
+            epoch += 1
+    finally:
+        bar.close()
+        metrics_file.close()
+
+    wall = time.perf_counter() - t_start
+    final = history[-1]["eval"] if history else {}
+    compiled = train_step.largest()
+    report = {
+        "task": cfg.task,
+        "method": cfg.method,
+        "model": cfg.model,
+        "metrics": {
+            split: {"final": {"step": step, "values": final[split]}, "best": best[split]}
+            for split in final
+        },
+        "primary_metric": f"{primary_split}/{s.task.primary}",
+        "trainable_params": s.counts["lora"] + s.counts["trainable"],
+        "lora_params": s.counts["lora"],
+        "head_params": s.counts["trainable"],
+        "total_params": s.counts["total"],
+        "steps": step,
+        "epochs_run": round(step / spe, 3),
+        "train_examples": len(s.train),
+        "eval_examples": {k: len(v) for k, v in s.dev.items()},
+        "train_examples_per_sec": timed_examples / sum(step_times) if step_times else None,
+        "train_tokens_per_sec": timed_tokens / sum(step_times) if step_times else None,
+        "step_time_median_s": profiling.median(step_times),
+        "timed_steps": len(step_times),
+        "compile_time_s": train_step.compile_seconds,
+        "compilations": train_step.count,
+        "buckets": list(s.buckets),
+        "padding_share": data_lib.padding_share(lengths, all_batches, s.buckets),
+        "memory": {
+            "peak_device_bytes": profiling.peak_device_bytes(),
+            "train_step_compiled": profiling.compiled_memory(compiled) if compiled is not None else None,
+            "peak_rss_bytes": profiling.peak_rss_bytes(),
+        },
+        "wall_time_s": wall,
+        "load_report": {"source": s.load_report.source, "initialised": s.load_report.missing,
+                        "unused": s.load_report.unused},
+        "config": cfg.to_dict(),
+        "model_config": dataclasses.asdict(s.mcfg),
+        "versions": profiling.versions(),
+        "device": profiling.device_info(),
+        "date": profiling.now(),
+    }
+    write_report(out, report)
+    return report, state
