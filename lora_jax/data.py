@@ -242,12 +242,16 @@ def encode(tokenizer, examples: Examples, max_seq_len: int) -> Encoded:
 # ----------------------------------------------------------------------------- batching
 
 
-def bucket_lengths(max_seq_len: int, num_buckets: int) -> tuple[int, ...]:
-    """``num_buckets`` lengths up to ``max_seq_len``, evenly spaced, multiples of 8 where possible."""
-    out = set()
-    for i in range(1, num_buckets + 1):
-        n = math.ceil(max_seq_len * i / num_buckets / 8) * 8
-        out.add(min(max(n, 8), max_seq_len))
+def bucket_lengths(max_seq_len: int, num_buckets: int, lengths: np.ndarray | None = None) -> tuple[int, ...]:
+    """At most ``num_buckets`` padded lengths, evenly spaced, multiples of 8 where possible.
+
+    With ``lengths`` (the training set's), the spacing stops at the longest
+    example, so short-sentence tasks (SST-2) get short buckets; ``max_seq_len``
+    is always the last bucket (compiled only if a batch needs it).
+    """
+    round8 = lambda n: min(max(math.ceil(n / 8) * 8, 8), max_seq_len)
+    top = max_seq_len if lengths is None or not len(lengths) else round8(int(np.max(lengths)))
+    out = {round8(top * i / num_buckets) for i in range(1, num_buckets + 1)}
     out.add(max_seq_len)
     return tuple(sorted(out))
 

@@ -327,7 +327,10 @@ def combine(*flats: dict[str, Any]) -> dict:
     merged: dict[str, Any] = {}
     for f in flats:
         merged.update(f)
-    return unflatten(merged)
+    tree = unflatten(merged)
+    if "lora" in tree:  # adapter keys are paths themselves: regroup as {path: {"a", "b"}}
+        tree["lora"] = table(tree["lora"])
+    return tree
 
 
 def count(tree: dict, label_tree: dict) -> dict[str, int]:

@@ -123,7 +123,7 @@ def make_train_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, optimizer, *, mode
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, donate_argnums=0)
 
@@ -239,7 +239,7 @@ def setup(cfg: TrainConfig) -> Setup:
     tokenizer = data_lib.load_tokenizer(str(model_dir))
     train = data_lib.encode(tokenizer, train_ex, cfg.max_seq_len)
     dev = {s: data_lib.encode(tokenizer, e, cfg.max_seq_len) for s, e in dev_ex.items()}
-    buckets = data_lib.bucket_lengths(cfg.max_seq_len, cfg.num_buckets)
+    buckets = data_lib.bucket_lengths(cfg.max_seq_len, cfg.num_buckets, train.lengths)
     return Setup(cfg, task, mcfg, lcfg, frozen, trainable, label_of, counts, report, tokenizer,
                  train, dev, buckets, model_dir)
 
@@ -337,7 +337,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, progress: bool = True) -> 
     timed_examples = timed_tokens = 0
     seen_shapes: set = set()
     lengths = s.train.lengths
-    all_batches = []
+    used_batches = []
     metrics_file = open(out / "metrics.jsonl", "w")
     bar = tqdm(total=n_steps, desc=f"{cfg.task} {cfg.method}", disable=not progress, unit="step")
     step = 0
@@ -346,11 +346,11 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, progress: bool = True) -> 
     try:
         while step < n_steps:
             batches = data_lib.train_order(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch)
-            all_batches.extend(batches)
             for idx in batches:
                 if step >= n_steps:
                     break
                 batch = data_lib.collate(s.train, idx, s.buckets, cfg.batch_size)
+                used_batches.append(idx)
                 inputs = {k: batch[k] for k in _MODEL_INPUTS}
                 shape = inputs["input_ids"].shape
                 t0 = time.perf_counter()
@@ -419,7 +419,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, progress: bool = True) -> 
         "compile_time_s": train_step.compile_seconds,
         "compilations": train_step.count,
         "buckets": list(s.buckets),
-        "padding_share": data_lib.padding_share(lengths, all_batches, s.buckets),
+        "padding_share": data_lib.padding_share(lengths, used_batches, s.buckets),
         "memory": {
             "peak_device_bytes": profiling.peak_device_bytes(),
             "train_step_compiled": profiling.compiled_memory(compiled) if compiled is not None else None,

@@ -1,0 +1,76 @@
+"""The command line: a tiny run end to end, and one-line errors with non-zero exits on bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lora_jax.cli import main, train_main
+
+from .conftest import ROOT
+
+
+def args(model, glue, out, *extra):
+    return ["--task", "rte", "--model", str(model), "--data-dir", str(glue), "--preset", "tiny",
+            "--max-steps", "2", "--output-dir", str(out), "--no-progress", *extra]
+
+
+def test_tiny_run(tiny_bert_dir, glue_dir, tmp_path, capsys):
+    assert train_main(args(tiny_bert_dir, glue_dir, tmp_path / "r", "--lora-rank", "2")) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["config"]["lora_rank"] == 2 and report["config"]["batch_size"] == 8  # flag > preset
+    assert report["steps"] == 2 and report["lora_params"] == 2 * 2 * (32 * 2 + 2 * 32)
+    assert "dev/accuracy final" in capsys.readouterr().out
+
+
+def test_refuses_existing_run_unless_overwrite(tiny_bert_dir, glue_dir, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert train_main(args(tiny_bert_dir, glue_dir, out)) == 0
+    before = (out / "report.json").read_text()
+    assert train_main(args(tiny_bert_dir, glue_dir, out)) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "report.json").read_text() == before  # nothing lost
+    assert train_main(args(tiny_bert_dir, glue_dir, out, "--overwrite", "--seed", "3")) == 0
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--task", "glue9"], "unknown task 'glue9'"),
+    (["--batch-size", "0"], "--batch-size must be > 0"),
+    (["--max-seq-len", "4096"], "exceeds the model's maximum of 72 positions"),
+    (["--lora-rank", "0"], "LoRA rank must be a positive integer"),
+    (["--lora-rank", "64"], "exceeds min(d_in, d_out)"),
+    (["--lora-alpha", "-1"], "alpha must be > 0"),
+    (["--lora-dropout", "1.5"], "dropout must be in [0, 1)"),
+    (["--targets", ".*/querry/kernel"], "matches no parameter"),
+])
+def test_bad_flags_one_line(tiny_bert_dir, glue_dir, tmp_path, capsys, extra, match):
+    assert train_main(args(tiny_bert_dir, glue_dir, tmp_path / "r", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1, err
+
+
+def test_bad_data_dir(tiny_bert_dir, tmp_path, capsys):
+    (tmp_path / "glue" / "RTE").mkdir(parents=True)
+    assert train_main(args(tiny_bert_dir, tmp_path / "glue", tmp_path / "r")) == 2
+    assert "RTE/train.tsv not found" in capsys.readouterr().err
+
+
+def test_diverged_run_exits_1(tiny_bert_dir, glue_dir, tmp_path, capsys):
+    assert train_main(args(tiny_bert_dir, glue_dir, tmp_path / "r", "--lr", "1e30", "--max-grad-norm", "1e30",
+                           "--max-steps", "10")) == 1
+    assert "training diverged" in capsys.readouterr().err
+
+
+def test_console_entry_and_script(tiny_bert_dir, glue_dir, tmp_path):
+    assert main(["frobnicate"]) == 2
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"),
+                           *args(tiny_bert_dir, glue_dir, tmp_path / "r", "--method", "full")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["method"] == "full"
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--task", "rte", "--model",
+                          str(tmp_path / "missing"), "--output-dir", str(tmp_path / "r2")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: model directory")

@@ -1,0 +1,46 @@
+"""Metrics equal scikit-learn / scipy, and hand-checked values."""
+
+import numpy as np
+import pytest
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from lora_jax import metrics
+from lora_jax.data import TASKS
+
+
+def test_hand_values():
+    m = metrics.compute(("accuracy", "f1", "matthews"), np.array([1, 1, 0, 0]), np.array([1, 0, 0, 0]))
+    assert m["accuracy"] == 0.75
+    assert m["f1"] == pytest.approx(2 / 3)  # precision 1/2, recall 1
+    assert m["matthews"] == pytest.approx(1 / np.sqrt(3))
+    r = metrics.compute(("pearson", "spearman"), np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 6.5]))
+    assert r["spearman"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_equal_to_sklearn_and_scipy(seed):
+    rng = np.random.default_rng(seed)
+    y, p = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    m = metrics.compute(("accuracy", "f1", "matthews"), p, y)
+    assert m == {"accuracy": accuracy_score(y, p), "f1": f1_score(y, p), "matthews": matthews_corrcoef(y, p)}
+    s, t = rng.normal(size=50), rng.normal(size=50)
+    r = metrics.compute(("pearson", "spearman"), s, t)
+    assert r["pearson"] == pytest.approx(pearsonr(s, t)[0]) and r["spearman"] == pytest.approx(spearmanr(s, t)[0])
+
+
+def test_constant_prediction_gives_zero_correlation():
+    r = metrics.compute(("pearson", "matthews"), np.zeros(5), np.arange(5.0) > 2)
+    assert r == {"pearson": 0.0, "matthews": 0.0}
+
+
+def test_every_task_metric_exists_and_primary_is_listed():
+    for task in TASKS.values():
+        assert task.primary in task.metrics
+        metrics.compute(task.metrics, np.array([0, 1, 1, 0]), np.array([0, 1, 0, 0]))
+
+
+def test_predictions_from_logits():
+    logits = np.array([[0.1, 2.0], [3.0, -1.0]])
+    assert metrics.predictions_from_logits(logits, False).tolist() == [1, 0]
+    assert metrics.predictions_from_logits(np.array([[2.5], [0.5]]), True).tolist() == [2.5, 0.5]

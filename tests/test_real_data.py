@@ -1,0 +1,23 @@
+"""Learning on real data: the pretrained MiniLM with LoRA on SST-2 from ../shared.
+
+Reference (PyTorch + peft, same model, LoRA r=8 on q,v, lr 5e-4, batch 32): dev accuracy
+0.78 after 100 steps and 0.81 after 300; the majority class is 0.51. A few minutes on 2 cores.
+"""
+
+from lora_jax.config import TrainConfig
+from lora_jax.train import fit
+
+from .conftest import shared_path
+
+
+def test_minilm_lora_learns_sst2(tmp_path):
+    model = shared_path("models", "all-MiniLM-L6-v2")
+    glue = shared_path("data", "glue")
+    cfg = TrainConfig(task="sst2", model=str(model), data_dir=str(glue), method="lora", lora_rank=8,
+                      lora_alpha=8.0, batch_size=32, lr=5e-4, max_steps=300, eval_every=100,
+                      max_seq_len=128, num_buckets=4, output_dir=str(tmp_path / "sst2"))
+    report, _ = fit(cfg, progress=False)
+    acc = report["metrics"]["dev"]["best"]["values"]["accuracy"]
+    print(f"SST-2 dev accuracy: best {acc:.4f} at step {report['metrics']['dev']['best']['step']}")
+    assert acc >= 0.75, report["metrics"]
+    assert report["lora_params"] == 6 * 2 * (384 * 8 + 8 * 384)

@@ -1,0 +1,131 @@
+"""Training invariants: frozen base bit-identical, only trainable leaves move and own optimizer
+state, the loss falls when overfitting, compilations are bounded, and fit() end to end."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from lora_jax import data as data_lib
+from lora_jax import lora
+from lora_jax.config import TrainConfig
+from lora_jax.train import (PerShape, TrainingDiverged, fit, init_state, make_optimizer, make_train_step, setup,
+                            total_steps)
+
+
+def tiny_cfg(model_dir, glue_dir, tmp_path, **kw) -> TrainConfig:
+    base = dict(task="sst2", model=str(model_dir), data_dir=str(glue_dir), batch_size=8, max_seq_len=32,
+                num_buckets=2, lr=1e-2, warmup_ratio=0.0, max_steps=6, lora_rank=4, output_dir=str(tmp_path / "run"))
+    return TrainConfig(**{**base, **kw})
+
+
+def run_steps(cfg, n, mode="factored"):
+    s = setup(cfg)
+    optimizer = make_optimizer(s.label_of, cfg, n)
+    state = init_state(s, optimizer)
+    frozen_before = {k: np.array(v) for k, v in s.frozen.items()}
+    trainable_before = {k: np.array(v) for k, v in s.trainable.items()}
+    step = PerShape(make_train_step(s.mcfg, s.lcfg, optimizer, mode=mode, regression=s.task.is_regression))
+    losses = []
+    batches = data_lib.train_order(s.train.lengths, cfg.batch_size, seed=0, epoch=0)
+    for i in range(n):
+        b = data_lib.collate(s.train, batches[i % len(batches)], s.buckets, cfg.batch_size)
+        state, m = step(state, s.frozen, {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")})
+        losses.append(float(m["loss"]))
+    return s, state, frozen_before, trainable_before, losses, step
+
+
+def test_frozen_bit_identical_trainable_moves(tiny_bert_dir, glue_dir, tmp_path):
+    cfg = tiny_cfg(tiny_bert_dir, glue_dir, tmp_path)
+    s, state, frozen_before, trainable_before, _, _ = run_steps(cfg, 4)
+    for k, v in s.frozen.items():
+        assert np.array_equal(np.asarray(v), frozen_before[k]), k
+    moved = {k for k, v in state.trainable.items() if not np.array_equal(np.asarray(v), trainable_before[k])}
+    assert moved == set(trainable_before)  # every LoRA factor and head leaf changed
+    assert all(k.startswith(("lora/", "params/classifier/")) for k in moved)
+
+
+def test_optimizer_state_only_for_trainable(tiny_bert_dir, glue_dir, tmp_path):
+    cfg = tiny_cfg(tiny_bert_dir, glue_dir, tmp_path)
+    s, state, *_ = run_steps(cfg, 1)
+    base_shapes = {tuple(v.shape) for v in s.frozen.values() if v.ndim >= 2}
+    trainable_shapes = {tuple(v.shape) for v in s.trainable.values()}
+    state_shapes = {tuple(x.shape) for x in jax.tree.leaves(state.opt_state) if hasattr(x, "shape")}
+    assert not (state_shapes & base_shapes) - trainable_shapes
+    n_state = sum(x.size for x in jax.tree.leaves(state.opt_state) if hasattr(x, "size") and x.ndim > 0)
+    n_trainable = sum(v.size for v in s.trainable.values())
+    assert n_state == 2 * n_trainable  # Adam's mu and nu, nothing for the base
+
+
+def test_loss_falls_overfitting_16_examples(tiny_bert_dir, glue_dir, tmp_path):
+    # A random tiny encoder gives nearly identical features to all inputs: it needs a large step size.
+    cfg = tiny_cfg(tiny_bert_dir, glue_dir, tmp_path, max_train_examples=16, lora_rank=8, lr=5e-2)
+    _, _, _, _, losses, _ = run_steps(cfg, 40)
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses
+
+
+def test_merged_and_factored_train_steps_agree(tiny_bert_dir, glue_dir, tmp_path):
+    cfg = tiny_cfg(tiny_bert_dir, glue_dir, tmp_path)
+    with jax.default_matmul_precision("highest"):
+        *_, l1, _ = run_steps(cfg, 3, mode="factored")
+        *_, l2, _ = run_steps(cfg, 3, mode="merged")
+    np.testing.assert_allclose(l1, l2, rtol=1e-4)
+
+
+def test_full_finetuning_trains_everything(tiny_bert_dir, glue_dir, tmp_path):
+    cfg = tiny_cfg(tiny_bert_dir, glue_dir, tmp_path, method="full", lr=1e-3)
+    s, state, frozen_before, trainable_before, *_ = run_steps(cfg, 2)
+    assert not s.frozen
+    assert not any(k.startswith("lora/") for k in s.trainable)
+    changed = [k for k, v in state.trainable.items() if not np.array_equal(np.asarray(v), trainable_before[k])]
+    assert "params/encoder/layer/0/attention/self/query/kernel" in changed
+
+
+def test_compilations_bounded_by_buckets(tiny_bert_dir, glue_dir, tmp_path):
+    cfg = tiny_cfg(tiny_bert_dir, glue_dir, tmp_path, num_buckets=2)
+    *_, step = run_steps(cfg, 12)
+    assert 1 <= step.count <= len(data_lib.bucket_lengths(32, 2))
+
+
+def test_schedule_and_decay_mask(tiny_bert_dir, glue_dir, tmp_path):
+    from lora_jax.train import no_weight_decay, schedule
+    sched = schedule(1.0, 100, 0.1)
+    assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(1.0) and float(sched(100)) == pytest.approx(0.0)
+    assert no_weight_decay("params/classifier/bias") and no_weight_decay("params/embeddings/LayerNorm/scale")
+    assert not no_weight_decay("lora/encoder/layer/0/attention/self/query/kernel/a")
+
+
+def test_fit_end_to_end_writes_report(tiny_bert_dir, glue_dir, tmp_path):
+    cfg = tiny_cfg(tiny_bert_dir, glue_dir, tmp_path, max_steps=None, epochs=2.0, max_train_examples=32)
+    report, state = fit(cfg, progress=False)
+    out = tmp_path / "run"
+    on_disk = json.loads((out / "report.json").read_text())
+    for key in ("task", "method", "model", "metrics", "trainable_params", "total_params", "train_examples_per_sec",
+                "train_tokens_per_sec", "step_time_median_s", "compile_time_s", "memory", "wall_time_s", "config",
+                "versions", "device", "date"):
+        assert key in on_disk, key
+    assert on_disk["steps"] == total_steps(setup(cfg)) == 8
+    assert set(on_disk["memory"]["train_step_compiled"]) >= {"argument_bytes", "temp_bytes", "output_bytes"}
+    assert on_disk["memory"]["peak_rss_bytes"] > 0
+    m = on_disk["metrics"]["dev"]
+    assert 0.0 <= m["final"]["values"]["accuracy"] <= 1.0 and m["best"]["step"] in (4, 8)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "eval" in l] == [4, 8]
+    assert "## Dev metrics" in (out / "report.md").read_text()
+    assert int(state.step) == 8
+
+
+def test_fit_regression_task(tiny_bert_dir, glue_dir, tmp_path):
+    cfg = tiny_cfg(tiny_bert_dir, glue_dir, tmp_path, task="stsb", max_steps=3)
+    report, _ = fit(cfg, progress=False)
+    assert set(report["metrics"]["dev"]["final"]["values"]) == {"pearson", "spearman"}
+
+
+def test_nan_loss_stops_with_clear_error(tiny_bert_dir, glue_dir, tmp_path):
+    cfg = tiny_cfg(tiny_bert_dir, glue_dir, tmp_path, lr=1e30, max_grad_norm=1e30, max_steps=10)
+    with pytest.raises(TrainingDiverged, match="loss became"):
+        fit(cfg, progress=False)
+    assert (tmp_path / "run" / "config.json").exists()  # what was written stays
