@@ -15,13 +15,22 @@ from .config import METHODS, ConfigValueError, TrainConfig, preset
 
 # Errors that are the user's input, not our bug: one line, no traceback.
 def _user_errors():
+    from .adapter import AdapterError
+    from .checkpoint import CheckpointError
     from .data import DataError
     from .lora import LoraError
     from .model import ConfigError
     from .train import RunError
     from .weights import WeightsError
 
-    return (ConfigValueError, DataError, LoraError, ConfigError, RunError, WeightsError)
+    return (ConfigValueError, DataError, LoraError, ConfigError, RunError, WeightsError, AdapterError,
+            CheckpointError)
+
+
+def _setup_logging(level: int) -> None:
+    """Our messages at ``level``; the libraries' (orbax, absl, jax's TPU probe) only when they are errors."""
+    logging.basicConfig(level=logging.ERROR, format="%(message)s")
+    logging.getLogger("lora_jax").setLevel(level)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--remat", choices=("none", "full", "dots"), help="recompute layer activations in backward (default none)")
     a("--seed", type=int, help=f"default {d.seed}")
     a("--eval-every", type=int, help="evaluate every N steps (default: every epoch)")
+    a("--save-every", type=int, help="checkpoint every N steps (default: every epoch, and at the end)")
+    a("--keep-checkpoints", type=int, help="how many checkpoints to keep (default 2)")
+    a("--resume", action="store_true", help="continue from the newest intact checkpoint in --output-dir")
     a("--log-every", type=int, help=f"log every N steps (default {d.log_every})")
     a("--output-dir", help=f"default {d.output_dir}")
     a("--overwrite", action="store_true", help="replace a run already in --output-dir")
@@ -79,14 +91,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def train_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # jax logs a failed TPU probe at WARNING on every CPU/GPU start: noise for our users.
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+    _setup_logging(logging.INFO)
     from .train import TrainingDiverged, fit
 
     try:
         cfg = config_from_args(args)
-        report, _ = fit(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+        report, _ = fit(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
     except TrainingDiverged as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 1
@@ -101,16 +111,48 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def evaluate_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lora-jax evaluate",
+                                description="Dev metrics of a saved adapter on its base model.")
+    p.add_argument("--adapter", required=True, help="adapter directory (OUTPUT_DIR/adapter of a run, or peft's)")
+    p.add_argument("--peft", action="store_true", help="the directory holds a Hugging Face peft LoRA adapter")
+    p.add_argument("--task", help="default: the adapter's task")
+    p.add_argument("--model", help="base model (default: the one named in the adapter's metadata)")
+    p.add_argument("--data-dir", help="GLUE TSV directory; default: the Hub via `datasets`")
+    p.add_argument("--dev-file", help="a TSV file to evaluate on instead of the default dev split")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-seq-len", type=int, help="default: the training run's")
+    p.add_argument("--max-eval-examples", type=int)
+    args = p.parse_args(argv)
+    _setup_logging(logging.WARNING)
+    from .evaluate import evaluate_adapter
+
+    try:
+        if args.batch_size <= 0:
+            raise ConfigValueError(f"--batch-size must be > 0, got {args.batch_size}")
+        results = evaluate_adapter(args.adapter, task=args.task, data_dir=args.data_dir, dev_file=args.dev_file,
+                                   model=args.model, peft=args.peft, batch_size=args.batch_size,
+                                   max_seq_len=args.max_seq_len, max_eval_examples=args.max_eval_examples)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for split, values in results.items():
+        print(f"{split}: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``lora-jax <command> ...``; the one command so far is ``train``."""
+    """``lora-jax train ...`` or ``lora-jax evaluate ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: lora-jax train [--help] ...")
+        print("usage: lora-jax {train,evaluate} [--help] ...")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
         return train_main(rest)
-    print(f"error: unknown command {command!r}; available: train", file=sys.stderr)
+    if command == "evaluate":
+        return evaluate_main(rest)
+    print(f"error: unknown command {command!r}; available: train, evaluate", file=sys.stderr)
     return 2
 
 

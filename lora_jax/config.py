@@ -53,6 +53,8 @@ class TrainConfig:
     # bookkeeping
     seed: int = 0
     eval_every: int | None = None  # steps; default once per epoch
+    save_every: int | None = None  # steps between checkpoints; default once per epoch (and always at the end)
+    keep_checkpoints: int = 2
     log_every: int = 10
     output_dir: str = "runs/latest"
 
@@ -75,6 +77,10 @@ class TrainConfig:
             raise ConfigValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.eval_every is not None and self.eval_every <= 0:
             raise ConfigValueError(f"--eval-every must be > 0, got {self.eval_every}")
+        if self.save_every is not None and self.save_every <= 0:
+            raise ConfigValueError(f"--save-every must be > 0, got {self.save_every}")
+        if self.keep_checkpoints < 1:
+            raise ConfigValueError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.num_buckets < 1:
             raise ConfigValueError(f"--num-buckets must be >= 1, got {self.num_buckets}")
         if self.lora_forward not in ("factored", "merged"):

@@ -14,12 +14,15 @@ goes to padding.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -197,6 +200,29 @@ def load_split(task: Task, split: str, data_dir: str | None = None, file: str | 
             raise DataError(f"--data-dir {data_dir} is not a directory")
         return read_tsv(task, _tsv_file(task, d, split))
     return read_hub(task, split)
+
+
+def load_dev(task: Task, data_dir: str | None, dev_file: str | None = None,
+             limit: int | None = None) -> dict[str, Examples]:
+    """Every dev split of ``task`` ({"dev": ...}; MNLI: matched and mismatched).
+
+    ``dev_file`` replaces the first split. A missing later split (MNLI
+    mismatched, absent from ../shared) is skipped with a warning.
+    """
+    out = {}
+    for i, split in enumerate(task.dev_splits):
+        try:
+            if dev_file is not None and i == 0:
+                out[split] = load_split(task, split, file=dev_file)
+            else:
+                out[split] = load_split(task, split, data_dir)
+        except DataError:
+            if i == 0:
+                raise
+            log.warning("no %s split for %s: evaluating on %s only", split, task.name, task.dev_splits[0])
+            continue
+        out[split] = out[split].head(limit)
+    return out
 
 
 # ----------------------------------------------------------------------------- tokenizing

@@ -208,19 +208,7 @@ def setup(cfg: TrainConfig) -> Setup:
             f"--max-seq-len {cfg.max_seq_len} exceeds the model's maximum of {mcfg.max_positions} positions"
         )
     train_ex = data_lib.load_split(task, "train", cfg.data_dir).head(cfg.max_train_examples)
-    dev_ex = {}
-    for split in task.dev_splits:
-        if cfg.dev_file is not None and split == task.dev_splits[0]:
-            dev_ex[split] = data_lib.load_split(task, split, file=cfg.dev_file)
-        else:
-            try:
-                dev_ex[split] = data_lib.load_split(task, split, cfg.data_dir)
-            except data_lib.DataError:
-                if split == task.dev_splits[0]:
-                    raise
-                log.warning("no %s split for %s: evaluating on %s only", split, task.name, task.dev_splits[0])
-        if split in dev_ex:
-            dev_ex[split] = dev_ex[split].head(cfg.max_eval_examples)
+    dev_ex = data_lib.load_dev(task, cfg.data_dir, cfg.dev_file, cfg.max_eval_examples)
 
     params, report = weights.load_params(model_dir, mcfg, key=k_head, param_dtype=cfg.param_dtype)
     log.info(report.summary())
@@ -256,17 +244,18 @@ def init_state(s: Setup, optimizer) -> TrainState:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(s: Setup, eval_fn: Callable, trainable: dict, batch_size: int) -> dict[str, dict[str, float]]:
+def evaluate(task: data_lib.Task, dev: dict[str, data_lib.Encoded], buckets: tuple[int, ...], eval_fn: Callable,
+             trainable: dict, frozen: dict, batch_size: int) -> dict[str, dict[str, float]]:
     """Metrics per dev split, e.g. {"dev": {"accuracy": 0.7}}."""
     results = {}
-    for split, enc in s.dev.items():
-        preds = np.zeros(len(enc), np.float32 if s.task.is_regression else np.int64)
+    for split, enc in dev.items():
+        preds = np.zeros(len(enc), np.float32 if task.is_regression else np.int64)
         for idx in data_lib.eval_order(enc.lengths, batch_size):
-            batch = data_lib.collate(enc, idx, s.buckets, batch_size)
+            batch = data_lib.collate(enc, idx, buckets, batch_size)
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-            logits = np.asarray(eval_fn(trainable, s.frozen, inputs))[: len(idx)]
-            preds[idx] = metrics.predictions_from_logits(logits, s.task.is_regression)
-        results[split] = metrics.compute(s.task.metrics, preds, enc.labels)
+            logits = np.asarray(eval_fn(trainable, frozen, inputs))[: len(idx)]
+            preds[idx] = metrics.predictions_from_logits(logits, task.is_regression)
+        results[split] = metrics.compute(task.metrics, preds, enc.labels)
     return results
 
 
@@ -299,53 +288,108 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
         raise RunError(f"--output-dir {path} already holds a run ({', '.join(held)}); pass --overwrite or choose another")
     path.mkdir(parents=True, exist_ok=True)
     if overwrite:
+        import shutil
+
         for m in marks:
             (path / m).unlink(missing_ok=True)
+        for d in ("checkpoints", "adapter", "peft_adapter"):
+            shutil.rmtree(path / d, ignore_errors=True)
 
 
-def fit(cfg: TrainConfig, *, overwrite: bool = False, progress: bool = True) -> tuple[dict, TrainState]:
-    """Train, evaluate, and write ``report.json``, ``report.md`` and ``metrics.jsonl`` to ``cfg.output_dir``.
+def _check_resumable(out: Path, cfg: TrainConfig) -> None:
+    saved_file = out / "config.json"
+    if not saved_file.is_file():
+        raise RunError(f"--resume: {out} holds no run to resume (no config.json)")
+    saved = json.loads(saved_file.read_text())
+    now = cfg.to_dict()
+    diffs = [f"{k} (run: {saved.get(k)!r}, now: {v!r})" for k, v in now.items() if saved.get(k) != v]
+    if diffs:
+        raise RunError(f"--resume: flags differ from the run in {out}: " + "; ".join(diffs))
 
-    Returns the report and the final train state. Raises TrainingDiverged on a NaN/inf loss (files already
-    written stay).
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the log lines up to ``last_step`` (a killed run may have logged past its last checkpoint)."""
+    if not path.exists():
+        return
+    kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in kept))
+    os.replace(tmp, path)
+
+
+def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
+        progress: bool = True) -> tuple[dict, TrainState]:
+    """Train, evaluate, checkpoint, and write to ``cfg.output_dir``: ``report.json``, ``report.md``,
+    ``metrics.jsonl``, ``checkpoints/`` (Orbax), ``adapter/`` (lora-jax) and ``peft_adapter/`` (LoRA runs).
+
+    ``resume=True`` continues from the newest intact checkpoint in the output
+    directory; the flags must equal the run's. The result is the same as an
+    uninterrupted run (bit-identical on CPU): the data order and dropout keys are
+    functions of (seed, step). Returns the report and the final train state.
+    Raises TrainingDiverged on a NaN/inf loss (files already written stay).
     """
     from tqdm.auto import tqdm
 
+    from . import adapter as adapter_lib
+    from . import checkpoint
     from .report import write_report
 
     t_start = time.perf_counter()
     out = Path(cfg.output_dir)
     cfg.validate()
-    prepare_output_dir(out, overwrite)
+    if resume:
+        _check_resumable(out, cfg)
+    else:
+        prepare_output_dir(out, overwrite)
     s = setup(cfg)
-    _write_json_atomic(out / "config.json", cfg.to_dict())
+    if not resume:
+        _write_json_atomic(out / "config.json", cfg.to_dict())
     n_steps = total_steps(s)
+    spe = steps_per_epoch(s)
+    if spe == 0:
+        raise data_lib.DataError(f"{len(s.train)} training examples are fewer than one batch of {cfg.batch_size}")
     optimizer = make_optimizer(s.label_of, cfg, n_steps)
     state = init_state(s, optimizer)
     train_step = PerShape(make_train_step(s.mcfg, s.lcfg, optimizer, mode=cfg.lora_forward,
                                           regression=s.task.is_regression))
     eval_step = make_eval_step(s.mcfg, s.lcfg)
-    spe = steps_per_epoch(s)
-    if spe == 0:
-        raise data_lib.DataError(f"{len(s.train)} training examples are fewer than one batch of {cfg.batch_size}")
     eval_every = cfg.eval_every or spe
+    save_every = cfg.save_every or spe
     log.info(lora.describe(s.counts))
 
     history: list[dict] = []
     best: dict[str, dict] = {}
+    step = 0
+    mngr = checkpoint.manager(out / "checkpoints", keep=cfg.keep_checkpoints)
+    if resume:
+        restored = checkpoint.restore_latest(mngr, state)
+        if restored is None:
+            raise RunError(f"--resume: no intact checkpoint in {out / 'checkpoints'}")
+        state, meta = restored
+        step, history, best = int(meta["step"]), meta["history"], meta["best"]
+        log.info("resumed from step %d of %d", step, n_steps)
+        _truncate_jsonl(out / "metrics.jsonl", step)
+    meta_base = {
+        "base_model": cfg.model,
+        "architecture_hash": s.mcfg.architecture_hash(),
+        "lora": dataclasses.asdict(s.lcfg),
+        "task": cfg.task,
+        "label_names": list(s.task.label_names),
+        "config": cfg.to_dict(),
+    }
+
     step_times: list[float] = []
     timed_examples = timed_tokens = 0
     seen_shapes: set = set()
     lengths = s.train.lengths
     used_batches = []
-    metrics_file = open(out / "metrics.jsonl", "w")
-    bar = tqdm(total=n_steps, desc=f"{cfg.task} {cfg.method}", disable=not progress, unit="step")
-    step = 0
-    epoch = 0
+    metrics_file = open(out / "metrics.jsonl", "a")
+    bar = tqdm(total=n_steps, initial=step, desc=f"{cfg.task} {cfg.method}", disable=not progress, unit="step")
     primary_split = s.task.dev_splits[0]
     try:
         while step < n_steps:
-            batches = data_lib.train_order(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch)
+            epoch, offset = divmod(step, spe)
+            batches = data_lib.train_order(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch)[offset:]
             for idx in batches:
                 if step >= n_steps:
                     break
@@ -377,7 +421,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, progress: bool = True) -> 
                                     ex_s=f"{timed_examples / sum(step_times):.1f}" if step_times else "-")
                 bar.update(1)
                 if step % eval_every == 0 or step == n_steps:
-                    res = evaluate(s, eval_step, state.trainable, cfg.batch_size)
+                    res = evaluate(s.task, s.dev, s.buckets, eval_step, state.trainable, s.frozen, cfg.batch_size)
                     rec = {"step": step, "epoch": epoch, "eval": res}
                     history.append(rec)
                     metrics_file.write(json.dumps(rec) + "\n")
@@ -387,11 +431,21 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, progress: bool = True) -> 
                             best[split] = {"step": step, "values": values}
                     bar.write(f"step {step}: " + ", ".join(
                         f"{sp}/{k}={v:.4f}" for sp, vals in res.items() for k, v in vals.items()))
-            epoch += 1
+                if step % save_every == 0 or step == n_steps:
+                    checkpoint.save(mngr, step, state, {**meta_base, "history": history, "best": best,
+                                                        "epoch": step // spe, "batch_in_epoch": step % spe})
     finally:
         bar.close()
         metrics_file.close()
+        mngr.close()
 
+    trained = {k: np.asarray(v) for k, v in state.trainable.items()}
+    adapter_bytes = adapter_lib.export(out / "adapter", trained, mcfg=s.mcfg, lcfg=s.lcfg, base_model=cfg.model,
+                                       task=cfg.task, label_names=s.task.label_names, max_seq_len=cfg.max_seq_len)
+    peft_bytes = None
+    if s.lcfg.targets:
+        peft_bytes = adapter_lib.export_peft(out / "peft_adapter", trained, mcfg=s.mcfg, lcfg=s.lcfg,
+                                             base_model=cfg.model)
     wall = time.perf_counter() - t_start
     final = history[-1]["eval"] if history else {}
     compiled = train_step.largest()
@@ -408,7 +462,12 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, progress: bool = True) -> 
         "lora_params": s.counts["lora"],
         "head_params": s.counts["trainable"],
         "total_params": s.counts["total"],
+        "adapter_bytes": adapter_bytes,
+        "peft_adapter_bytes": peft_bytes,
+        # What a fully fine-tuned copy of the model weighs in float32 (4 bytes a parameter).
+        "full_model_fp32_bytes": 4 * (s.counts["total"] - s.counts["lora"]),
         "steps": step,
+        "resumed": resume,
         "epochs_run": round(step / spe, 3),
         "train_examples": len(s.train),
         "eval_examples": {k: len(v) for k, v in s.dev.items()},
@@ -419,7 +478,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, progress: bool = True) -> 
         "compile_time_s": train_step.compile_seconds,
         "compilations": train_step.count,
         "buckets": list(s.buckets),
-        "padding_share": data_lib.padding_share(lengths, used_batches, s.buckets),
+        "padding_share": data_lib.padding_share(lengths, used_batches, s.buckets) if used_batches else None,
         "memory": {
             "peak_device_bytes": profiling.peak_device_bytes(),
             "train_step_compiled": profiling.compiled_memory(compiled) if compiled is not None else None,

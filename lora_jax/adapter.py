@@ -1,0 +1,271 @@
+"""Adapters on disk: our own format, and Hugging Face peft's.
+
+lora-jax format (``DIR/adapter.safetensors`` + ``DIR/adapter_config.json``):
+the trained leaves only (LoRA factors ``lora/<kernel path>/{a,b}`` with a
+``(d_in, r)`` and b ``(r, d_out)``, and the head ``params/classifier/...``),
+plus what is needed to rebuild the run: base model, its architecture hash,
+LoRA config, task and label names.
+
+peft format (``adapter_config.json`` + ``adapter_model.safetensors``): keys
+``base_model.model.<bert|roberta>.<module>.lora_A.weight`` ``(r, in)`` and
+``lora_B.weight`` ``(out, r)``, i.e. torch's ``(out, in)`` layout, and the
+head under ``base_model.model.classifier.*`` (peft's ``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from . import lora
+from .model import ModelConfig
+
+FORMAT = "lora-jax-adapter"
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG = "adapter.safetensors", "adapter_config.json"
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+class AdapterError(ValueError):
+    """An adapter directory that is missing, of another format, or does not fit the base."""
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _save_tensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.numpy import save
+
+    blob = save({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}, metadata=metadata)
+    _write_atomic(path, blob)
+
+
+def _load_tensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"cannot read {path} (corrupted or not safetensors): {e}") from None
+
+
+# ----------------------------------------------------------------------------- our format
+
+
+def export(directory: Path, trainable: dict, *, mcfg: ModelConfig, lcfg: lora.LoraConfig, base_model: str,
+           task: str, label_names: tuple[str, ...], max_seq_len: int | None = None) -> int:
+    """Write the trained leaves and metadata; returns the adapter's size in bytes."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "base_model": base_model,
+        "architecture_hash": mcfg.architecture_hash(),
+        "model_config": dataclasses.asdict(mcfg),
+        "lora": dataclasses.asdict(lcfg),
+        "task": task,
+        "label_names": list(label_names),
+        "max_seq_len": max_seq_len,
+    }
+    _save_tensors(directory / WEIGHTS, {k: np.asarray(v) for k, v in trainable.items()})
+    _write_atomic(directory / CONFIG, (json.dumps(meta, indent=2) + "\n").encode())
+    return size_bytes(directory)
+
+
+def size_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).iterdir() if f.is_file())
+
+
+def read_meta(directory: Path) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterError(f"adapter directory {directory} does not exist")
+    file = directory / CONFIG
+    if not file.is_file():
+        raise AdapterError(f"{directory} has no {CONFIG}: not an adapter directory")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{file} is not valid JSON: {e}") from None
+    if meta.get("format") != FORMAT:
+        hint = " (it is a peft adapter: pass --peft)" if "peft_type" in meta else ""
+        raise AdapterError(f"{directory} is not a lora-jax adapter{hint}")
+    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
+        raise AdapterError(f"{directory} has adapter format version {meta.get('format_version')!r}; "
+                           f"this lora-jax reads up to {FORMAT_VERSION}: upgrade it")
+    return meta
+
+
+def lora_config(meta: dict) -> lora.LoraConfig:
+    fields = dict(meta["lora"])
+    for k in ("targets", "trainable"):
+        fields[k] = tuple(fields[k])
+    return lora.LoraConfig(**fields)
+
+
+def load(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(metadata, trained leaves) of a lora-jax adapter directory."""
+    meta = read_meta(directory)
+    if not (Path(directory) / WEIGHTS).is_file():
+        raise AdapterError(f"{directory} has no {WEIGHTS}")
+    return meta, _load_tensors(Path(directory) / WEIGHTS)
+
+
+def check_fits(trainable: dict, params: dict, where: str) -> None:
+    """Every adapter leaf must name a base kernel and agree with its shape; every head leaf likewise."""
+    flat = lora.flatten(params)
+    errors = []
+    for key, value in trainable.items():
+        kind, _, rest = key.partition("/")
+        if kind == "params":
+            if rest not in flat:
+                errors.append(f"{rest} is not in the base model")
+            elif tuple(np.shape(flat[rest])) != tuple(value.shape):
+                errors.append(f"{rest}: adapter {tuple(value.shape)} vs base {tuple(np.shape(flat[rest]))}")
+        elif kind == "lora":
+            path, _, factor = rest.rpartition("/")
+            if path not in flat:
+                errors.append(f"adapted kernel {path} is not in the base model")
+                continue
+            d_in, d_out = int(np.prod(np.shape(flat[path])[:-1])), int(np.shape(flat[path])[-1])
+            dim = value.shape[0] if factor == "a" else value.shape[1]
+            if dim != (d_in if factor == "a" else d_out):
+                errors.append(f"{path}: LoRA {factor} of shape {tuple(value.shape)} does not fit "
+                              f"a ({d_in}, {d_out}) kernel")
+        else:
+            errors.append(f"unexpected tensor {key}")
+    if errors:
+        raise AdapterError(f"{where} does not fit the base model: " + "; ".join(errors[:5])
+                           + (f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""))
+
+
+# ----------------------------------------------------------------------------- peft interop
+
+_PEFT_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "lora_bias": (False, None),
+    "bias": ("none", None),
+    "fan_in_fan_out": (False, None),
+    "layers_to_transform": (None,),
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "layer_replication": (None,),
+    "use_qalora": (False, None),
+}
+
+
+def _torch_module(path: str, mcfg: ModelConfig) -> str:
+    """Our kernel path -> the module name in HF's *ForSequenceClassification (``roberta.encoder...``)."""
+    module = path.rsplit("/", 1)[0].replace("/", ".")
+    return module if module.startswith("classifier") else f"{mcfg.model_type}.{module}"
+
+
+def export_peft(directory: Path, trainable: dict, *, mcfg: ModelConfig, lcfg: lora.LoraConfig,
+                base_model: str) -> int:
+    """Write a peft LoRA adapter (task SEQ_CLS, head in ``modules_to_save``); returns its size in bytes."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, modules = {}, []
+    for key, value in trainable.items():
+        kind, _, rest = key.partition("/")
+        value = np.asarray(value, np.float32)
+        if kind == "lora":
+            path, _, factor = rest.rpartition("/")
+            module = _torch_module(path, mcfg)
+            if factor == "a":
+                modules.append(module)
+            name = "lora_A" if factor == "a" else "lora_B"
+            tensors[f"base_model.model.{module}.{name}.weight"] = value.T
+        else:
+            *mod, leaf = rest.split("/")
+            transpose = leaf == "kernel"
+            tensors[f"base_model.model.{'.'.join(mod)}.{'weight' if transpose else leaf}"] = value.T if transpose else value
+    config = {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "base_model_name_or_path": base_model,
+        "r": lcfg.rank,
+        "lora_alpha": lcfg.alpha,
+        "lora_dropout": lcfg.dropout,
+        "use_rslora": lcfg.rslora,
+        # Exact module names: peft matches list entries by name or dotted suffix.
+        "target_modules": sorted(modules),
+        "modules_to_save": ["classifier"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    _save_tensors(directory / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
+    _write_atomic(directory / PEFT_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+    return size_bytes(directory)
+
+
+def import_peft(directory: Path, params: dict, mcfg: ModelConfig) -> tuple[lora.LoraConfig, dict[str, np.ndarray]]:
+    """Read a peft LoRA adapter for this base into (LoraConfig, trained leaves in our layout)."""
+    directory = Path(directory)
+    file = directory / PEFT_CONFIG
+    if not file.is_file():
+        raise AdapterError(f"{directory} has no {PEFT_CONFIG}: not a peft adapter directory")
+    cfg = json.loads(file.read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterError(f"{directory}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    bad = [f"{k}={cfg[k]!r}" for k, ok in _PEFT_UNSUPPORTED.items() if k in cfg and cfg[k] not in ok]
+    if bad:
+        raise AdapterError(f"{directory}: unsupported peft options: {', '.join(bad)}")
+    if not (directory / PEFT_WEIGHTS).is_file():
+        raise AdapterError(f"{directory} has no {PEFT_WEIGHTS}")
+    tensors = _load_tensors(directory / PEFT_WEIGHTS)
+    prefix = f"base_model.model."
+    flat_params = lora.flatten(params)
+    trainable: dict[str, np.ndarray] = {}
+    paths = []
+    for key, value in tensors.items():
+        if not key.startswith(prefix):
+            raise AdapterError(f"{directory}: unexpected tensor {key}")
+        name = key[len(prefix):].replace(".modules_to_save.default", "")
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.default)?\.weight", name)
+        if m:
+            module = m.group(1)
+            if module.startswith(mcfg.model_type + "."):
+                module = module[len(mcfg.model_type) + 1:]
+            path = module.replace(".", "/") + "/kernel"
+            factor = "a" if m.group(2) == "lora_A" else "b"
+            trainable[f"lora/{path}/{factor}"] = value.T
+            if factor == "a":
+                paths.append(path)
+        else:
+            *mod, leaf = name.split(".")
+            if mod and mod[0] == mcfg.model_type:
+                mod = mod[1:]
+            base_path = "/".join(mod + [leaf])
+            if leaf == "weight":
+                kernel = "/".join(mod + ["kernel"])
+                base_path = kernel if kernel in flat_params else "/".join(mod + ["scale"])
+                value = value.T if base_path.endswith("/kernel") else value
+            trainable[f"params/{base_path}"] = value
+    if not paths:
+        raise AdapterError(f"{directory} holds no LoRA tensors")
+    ranks = {trainable[f"lora/{p}/a"].shape[1] for p in paths}
+    if ranks != {cfg["r"]}:
+        raise AdapterError(f"{directory}: LoRA tensors have rank {sorted(ranks)} but r = {cfg['r']}")
+    heads = sorted({k.split("/")[1] for k in trainable if k.startswith("params/")})
+    lcfg = lora.LoraConfig(
+        rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
+        rslora=bool(cfg.get("use_rslora", False)),
+        targets=tuple(re.escape(p) for p in sorted(paths)),
+        trainable=tuple(f"{re.escape(h)}/.*" for h in heads) or (r"classifier/.*",),
+    )
+    check_fits(trainable, params, str(directory))
+    return lcfg, trainable

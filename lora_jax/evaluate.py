@@ -1,0 +1,84 @@
+"""Dev metrics from a saved adapter: the base named in its metadata (or ``model``) plus the adapter."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from . import adapter as adapter_lib
+from . import data as data_lib
+from . import lora, weights
+from .train import evaluate, make_eval_step
+
+log = logging.getLogger(__name__)
+
+
+def load_for_eval(adapter_dir: str, *, model: str | None = None, peft: bool = False, num_labels: int | None = None):
+    """(model config, LoRA config, trained leaves, frozen leaves, base id, metadata) for an adapter.
+
+    A base whose architecture hash or shapes disagree with the adapter is an AdapterError.
+    """
+    directory = Path(adapter_dir)
+    if peft:
+        import json
+
+        if not (directory / adapter_lib.PEFT_CONFIG).is_file():
+            raise adapter_lib.AdapterError(f"{directory} has no {adapter_lib.PEFT_CONFIG}: not a peft adapter directory")
+        meta = json.loads((directory / adapter_lib.PEFT_CONFIG).read_text())
+        base = model or meta.get("base_model_name_or_path")
+        if not base:
+            raise adapter_lib.AdapterError(f"{directory} names no base model: pass --model")
+        model_dir = weights.resolve(base)
+        mcfg = weights.read_config(model_dir, num_labels=num_labels or 2)
+        params, _ = weights.load_params(model_dir, mcfg)
+        lcfg, trained = adapter_lib.import_peft(directory, params, mcfg)
+        head = [v for k, v in trained.items() if k.endswith(("classifier/kernel", "classifier/out_proj/kernel"))]
+        if head and head[0].shape[-1] != mcfg.num_labels:  # the head decides the label count
+            mcfg = weights.read_config(model_dir, num_labels=int(head[0].shape[-1]))
+            params, _ = weights.load_params(model_dir, mcfg)
+    else:
+        meta, trained = adapter_lib.load(directory)
+        base = model or meta["base_model"]
+        model_dir = weights.resolve(base)
+        mcfg = weights.read_config(model_dir, num_labels=meta["model_config"]["num_labels"])
+        if mcfg.architecture_hash() != meta["architecture_hash"]:
+            raise adapter_lib.AdapterError(
+                f"base model {base} (architecture {mcfg.architecture_hash()}) is not the architecture the adapter "
+                f"in {directory} was trained on ({meta['architecture_hash']}, {meta['base_model']})"
+            )
+        params, _ = weights.load_params(model_dir, mcfg)
+        lcfg = adapter_lib.lora_config(meta)
+        adapter_lib.check_fits(trained, params, str(directory))
+    frozen = {f"params/{p}": v for p, v in lora.flatten(params).items() if f"params/{p}" not in trained}
+    trained = {k: np.asarray(v, np.float32) for k, v in trained.items()}
+    return mcfg, lcfg, trained, frozen, str(model_dir), meta
+
+
+def evaluate_adapter(adapter_dir: str, *, task: str | None = None, data_dir: str | None = None,
+                     dev_file: str | None = None, model: str | None = None, peft: bool = False,
+                     batch_size: int = 32, max_seq_len: int | None = None, max_eval_examples: int | None = None) -> dict:
+    """Metrics per dev split of the adapter's task (or ``task``)."""
+    task_name = task
+    num_labels = None
+    if task_name is not None:
+        num_labels = data_lib.get_task(task_name).num_labels
+    mcfg, lcfg, trained, frozen, model_dir, meta = load_for_eval(adapter_dir, model=model, peft=peft,
+                                                                  num_labels=num_labels)
+    task_name = task_name or meta.get("task")
+    if task_name is None:
+        raise data_lib.DataError("the adapter names no task: pass --task")
+    t = data_lib.get_task(task_name)
+    if t.num_labels != mcfg.num_labels:
+        raise adapter_lib.AdapterError(
+            f"task {t.name} has {t.num_labels} labels but the adapter's head has {mcfg.num_labels}")
+    if max_seq_len is None:
+        max_seq_len = meta.get("max_seq_len") or min(128, mcfg.max_positions)
+    if max_seq_len > mcfg.max_positions:
+        raise data_lib.DataError(f"--max-seq-len {max_seq_len} exceeds the model's maximum of {mcfg.max_positions}")
+    tokenizer = data_lib.load_tokenizer(model_dir)
+    dev = {s: data_lib.encode(tokenizer, e, max_seq_len)
+           for s, e in data_lib.load_dev(t, data_dir, dev_file, max_eval_examples).items()}
+    buckets = data_lib.bucket_lengths(max_seq_len, 4)
+    return evaluate(t, dev, buckets, make_eval_step(mcfg, lcfg), trained, frozen, batch_size)
