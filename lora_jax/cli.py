@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shlex
 import sys
 
 from .config import METHODS, ConfigValueError, TrainConfig, preset
@@ -96,7 +97,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config_from_args(args)
-        report, _ = fit(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+        report, _ = fit(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress,
+                        command=shlex.join(["python", *sys.argv]) if argv is None else None)
     except TrainingDiverged as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 1

@@ -17,6 +17,10 @@ def _mib(n: int | None) -> str:
     return "unmeasured" if n is None else f"{n / 2**20:,.1f} MiB"
 
 
+def _kib(n: int | None) -> str:
+    return "none" if n is None else f"{n / 2**10:,.1f} KiB"
+
+
 def _num(x, fmt: str) -> str:
     return "unmeasured" if x is None else format(x, fmt)
 
@@ -28,6 +32,8 @@ def markdown(r: dict) -> str:
         "",
         f"{r['date']} on {r['device']['platform']} ({r['device']['device_kind']}), "
         f"jax {r['versions'].get('jax')}, flax {r['versions'].get('flax')}",
+        "",
+        f"Command: `{r['command']}`" if r.get("command") else "Command: (called from Python)",
         "",
         "## Dev metrics",
         "",
@@ -47,6 +53,8 @@ def markdown(r: dict) -> str:
         "|---|---|",
         f"| trainable parameters | {r['trainable_params']:,} (LoRA {r['lora_params']:,}, head {r['head_params']:,}) |",
         f"| total parameters | {r['total_params']:,} |",
+        f"| adapter on disk | {_kib(r.get('adapter_bytes'))} (peft format: {_kib(r.get('peft_adapter_bytes'))}); "
+        f"a full fp32 copy of the model: {_mib(r.get('full_model_fp32_bytes'))} |",
         f"| steps | {r['steps']} ({r['epochs_run']} epochs of {r['train_examples']:,} examples) |",
         f"| examples/s | {_num(r['train_examples_per_sec'], ',.1f')} |",
         f"| real tokens/s | {_num(r['train_tokens_per_sec'], ',.0f')} |",

@@ -196,6 +196,21 @@ class Setup:
     model_dir: Path
 
 
+def split_for_training(params: dict, lcfg: lora.LoraConfig, key: jax.Array):
+    """Add fresh adapters, label, and split: (trainable, frozen, label of each trainable path, counts).
+
+    Trained leaves are float32 masters whatever the base dtype.
+    """
+    tree = {"params": params}
+    if lcfg.targets:
+        tree["lora"] = lora.init(params, lcfg, key)
+    label_tree = lora.labels(tree, lcfg)
+    trainable, frozen = lora.partition(tree, label_tree)
+    trainable = {p: v.astype(jnp.float32) for p, v in trainable.items()}
+    flat_labels = lora.flatten(label_tree)
+    return trainable, frozen, {p: flat_labels[p] for p in trainable}, lora.count(tree, label_tree)
+
+
 def setup(cfg: TrainConfig) -> Setup:
     cfg.validate()
     task = data_lib.get_task(cfg.task)
@@ -213,16 +228,7 @@ def setup(cfg: TrainConfig) -> Setup:
     params, report = weights.load_params(model_dir, mcfg, key=k_head, param_dtype=cfg.param_dtype)
     log.info(report.summary())
     lcfg = cfg.lora_config()
-    tree = {"params": params}
-    if lcfg.targets:
-        tree["lora"] = lora.init(params, lcfg, k_lora)
-    label_tree = lora.labels(tree, lcfg)
-    counts = lora.count(tree, label_tree)
-    trainable, frozen = lora.partition(tree, label_tree)
-    # Trained parameters keep float32 masters whatever the base dtype.
-    trainable = {p: v.astype(jnp.float32) for p, v in trainable.items()}
-    flat_labels = lora.flatten(label_tree)
-    label_of = {p: flat_labels[p] for p in trainable}
+    trainable, frozen, label_of, counts = split_for_training(params, lcfg, k_lora)
 
     tokenizer = data_lib.load_tokenizer(str(model_dir))
     train = data_lib.encode(tokenizer, train_ex, cfg.max_seq_len)
@@ -233,11 +239,15 @@ def setup(cfg: TrainConfig) -> Setup:
 
 
 def init_state(s: Setup, optimizer) -> TrainState:
+    return new_state(s.trainable, optimizer, s.cfg.seed)
+
+
+def new_state(trainable: dict, optimizer, seed: int) -> TrainState:
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        trainable=s.trainable,
-        opt_state=optimizer.init(s.trainable),
-        rng=jax.random.key_data(jax.random.key(s.cfg.seed + 1)),
+        trainable=trainable,
+        opt_state=optimizer.init(trainable),
+        rng=jax.random.key_data(jax.random.key(seed + 1)),
     )
 
 
@@ -318,7 +328,7 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
 
 
 def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
-        progress: bool = True) -> tuple[dict, TrainState]:
+        progress: bool = True, command: str | None = None) -> tuple[dict, TrainState]:
     """Train, evaluate, checkpoint, and write to ``cfg.output_dir``: ``report.json``, ``report.md``,
     ``metrics.jsonl``, ``checkpoints/`` (Orbax), ``adapter/`` (lora-jax) and ``peft_adapter/`` (LoRA runs).
 
@@ -450,6 +460,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     final = history[-1]["eval"] if history else {}
     compiled = train_step.largest()
     report = {
+        "command": command,
         "task": cfg.task,
         "method": cfg.method,
         "model": cfg.model,

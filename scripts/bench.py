@@ -1,0 +1,349 @@
+#!/usr/bin/env python
+"""Train-step benchmark: LoRA vs full fine-tuning, lora-jax vs PyTorch transformers (+ peft).
+
+Random weights of the shape in a config.json (default: roberta-base from ../shared),
+random tokens, one fixed (batch, seq) shape. Each cell runs in its own subprocess
+so that peak memory is its own. Per cell: median step time over timed steps after
+warm-up (the clock stops after the loss is on the host / block_until_ready /
+cuda.synchronize), examples/s, trainable parameters, peak memory (GPU: JAX
+memory_stats peak / torch max_memory_allocated; CPU: XLA's compiled memory
+analysis for JAX and the process's peak RSS for both).
+
+    python scripts/bench.py                       # the default grid, writes results/bench/
+    python scripts/bench.py --steps 3 --warmup 1  # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT.parent / "shared" / "models" / "roberta-base-tokenizer"
+
+# (framework, method, variant): variants are lora-jax memory/speed levers.
+GRID = [
+    ("jax", "full", "fp32"),
+    ("jax", "lora", "fp32"),
+    ("torch", "full", "fp32"),
+    ("torch", "lora", "fp32"),
+    ("jax", "lora", "merged"),
+    ("jax", "lora", "bf16-base"),
+    ("jax", "lora", "bf16-base+remat"),
+    ("jax", "full", "remat"),
+    ("jax", "lora", "bf16"),
+    ("torch", "lora", "bf16"),
+]
+VARIANTS = {
+    # name: (param dtype of the frozen base, compute dtype, remat policy, LoRA forward)
+    "fp32": ("float32", "float32", "none", "factored"),
+    "merged": ("float32", "float32", "none", "merged"),
+    "bf16-base": ("bfloat16", "float32", "none", "factored"),
+    "bf16-base+remat": ("bfloat16", "float32", "full", "factored"),
+    "remat": ("float32", "float32", "full", "factored"),
+    "bf16": ("bfloat16", "bfloat16", "none", "factored"),
+}
+
+
+def peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_jax(cell: dict) -> dict:
+    import jax
+    import numpy as np
+
+    from lora_jax import lora, profiling, weights
+    from lora_jax.config import TrainConfig
+    from lora_jax.model import init_params
+    from lora_jax.train import make_optimizer, make_train_step, new_state, split_for_training
+
+    param_dtype, compute, remat, mode = VARIANTS[cell["variant"]]
+    mcfg = weights.read_config(Path(cell["config"]), num_labels=2, dtype=compute, remat=remat)
+    params = init_params(mcfg, jax.random.key(0))
+    params = jax.tree.map(lambda x: x.astype(param_dtype), params)
+    lcfg = lora.full_finetuning() if cell["method"] == "full" else lora.LoraConfig(rank=8, alpha=16)
+    trainable, frozen, label_of, counts = split_for_training(params, lcfg, jax.random.key(1))
+    del params
+    tcfg = TrainConfig(lr=1e-4, warmup_ratio=0.0)
+    optimizer = make_optimizer(label_of, tcfg, 1000)
+    state = new_state(trainable, optimizer, 0)
+    step = make_train_step(mcfg, lcfg, optimizer, mode=mode, regression=False)
+    rng = np.random.default_rng(0)
+    b, t = cell["batch"], cell["seq"]
+    batch = {
+        "input_ids": rng.integers(3, mcfg.vocab_size, (b, t)).astype(np.int32),
+        "attention_mask": np.ones((b, t), np.int32),
+        "token_type_ids": np.zeros((b, t), np.int32),
+        "labels": rng.integers(0, 2, b).astype(np.int32),
+    }
+    batch = jax.device_put(batch)
+    frozen = jax.device_put(frozen)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(cell["warmup"] + cell["steps"]):
+        t0 = time.perf_counter()
+        state, m = compiled(state, frozen, batch)
+        jax.block_until_ready(m["loss"])
+        if i >= cell["warmup"]:
+            times.append(time.perf_counter() - t0)
+    return {
+        "trainable_params": counts["lora"] + counts["trainable"],
+        "total_params": counts["total"],
+        "step_times_s": times,
+        "compile_s": compile_s,
+        "peak_device_bytes": profiling.peak_device_bytes(),
+        "xla_memory": profiling.compiled_memory(compiled),
+        "peak_rss_bytes": peak_rss(),
+        "versions": profiling.versions("jax", "jaxlib", "flax", "optax"),
+        "device": profiling.device_info(),
+    }
+
+
+def run_torch(cell: dict) -> dict:
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.from_pretrained(cell["config"], num_labels=2)
+    model = transformers.AutoModelForSequenceClassification.from_config(config)
+    if cell["method"] == "lora":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
+                                                           target_modules=["query", "value"]))
+    model.to(dev).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    b, t = cell["batch"], cell["seq"]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, config.vocab_size, (b, t), generator=g).to(dev)
+    mask = torch.ones_like(ids)
+    labels = torch.randint(0, 2, (b,), generator=g).to(dev)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cell["variant"] == "bf16")
+    times = []
+    for i in range(cell["warmup"] + cell["steps"]):
+        t0 = time.perf_counter()
+        with autocast:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = loss.item()  # waits for the step (and synchronises on GPU)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= cell["warmup"]:
+            times.append(time.perf_counter() - t0)
+    assert loss_value == loss_value
+    return {
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "step_times_s": times,
+        "compile_s": None,
+        "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "xla_memory": None,
+        "peak_rss_bytes": peak_rss(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     **({"peft": __import__("peft").__version__} if cell["method"] == "lora" else {})},
+        "device": {"platform": "gpu" if cuda else "cpu",
+                   "device_kind": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+                   "host": platform.node()},
+    }
+
+
+def run_cell(cell: dict, timeout: int) -> dict:
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps(cell)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-3:]
+        return {**cell, "error": " | ".join(tail) or f"exit {proc.returncode}"}
+    return {**cell, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def summarise(rows: list[dict]) -> None:
+    import statistics
+
+    for r in rows:
+        if "error" in r:
+            continue
+        r["step_time_median_s"] = statistics.median(r["step_times_s"])
+        r["examples_per_sec"] = r["batch"] / r["step_time_median_s"]
+        r["peak_memory_bytes"] = r["peak_device_bytes"] or (
+            r["xla_memory"]["total_bytes"] if r.get("xla_memory") else None)
+
+
+def find(rows, framework, method, variant):
+    for r in rows:
+        if (r["framework"], r["method"], r["variant"]) == (framework, method, variant) and "error" not in r:
+            return r
+    return None
+
+
+def ratio(a, b, key):
+    if a is None or b is None or not a.get(key) or not b.get(key):
+        return None
+    return a[key] / b[key]
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    mib = lambda n: "unmeasured" if n is None else f"{n / 2**20:,.0f}"
+    lines = [
+        f"# Train-step benchmark ({meta['date']})",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Device: {meta['device']}; shape: {meta['shape']}; {meta['steps']} timed steps after {meta['warmup']} "
+        "warm-up steps, median reported. Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        "",
+        "Peak memory: GPU rows use the allocator's peak (JAX `memory_stats`, torch `max_memory_allocated`). "
+        "CPU rows: for JAX, XLA's compiled memory analysis of the train step (arguments + outputs + temporaries "
+        "- aliased); for both frameworks, the process's peak RSS (includes the runtime and libraries).",
+        "",
+        "| framework | method | variant | trainable params | median step (s) | examples/s | peak memory (MiB) "
+        "| XLA analysis (MiB) | peak RSS (MiB) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['framework']} | {r['method']} | {r['variant']} | error: {r['error'][:120]} | | | | | |")
+            continue
+        xla = r["xla_memory"]["total_bytes"] if r.get("xla_memory") else None
+        lines.append(
+            f"| {r['framework']} | {r['method']} | {r['variant']} | {r['trainable_params']:,} | "
+            f"{r['step_time_median_s']:.3f} | {r['examples_per_sec']:.2f} | {mib(r['peak_device_bytes'])} | "
+            f"{mib(xla)} | {mib(r['peak_rss_bytes'])} |"
+        )
+    lines += ["", "## Ratios (same run)", "", "| comparison | step time | peak memory (device or XLA) | peak RSS |",
+              "|---|---:|---:|---:|"]
+    fmt = lambda x: "n/a" if x is None else f"{x:.2f}x"
+    pairs = [
+        ("lora-jax: LoRA / full (fp32)", find(rows, "jax", "lora", "fp32"), find(rows, "jax", "full", "fp32")),
+        ("lora-jax: LoRA bf16-base+remat / full remat", find(rows, "jax", "lora", "bf16-base+remat"),
+         find(rows, "jax", "full", "remat")),
+        ("lora-jax: LoRA bf16-base+remat / full fp32", find(rows, "jax", "lora", "bf16-base+remat"),
+         find(rows, "jax", "full", "fp32")),
+        ("PyTorch: LoRA / full (fp32)", find(rows, "torch", "lora", "fp32"), find(rows, "torch", "full", "fp32")),
+        ("LoRA fp32: lora-jax / PyTorch+peft", find(rows, "jax", "lora", "fp32"), find(rows, "torch", "lora", "fp32")),
+        ("LoRA bf16: lora-jax / PyTorch+peft", find(rows, "jax", "lora", "bf16"), find(rows, "torch", "lora", "bf16")),
+        ("full fp32: lora-jax / PyTorch", find(rows, "jax", "full", "fp32"), find(rows, "torch", "full", "fp32")),
+        ("lora-jax LoRA: merged / factored forward", find(rows, "jax", "lora", "merged"),
+         find(rows, "jax", "lora", "fp32")),
+    ]
+    for name, a, b in pairs:
+        lines.append(f"| {name} | {fmt(ratio(a, b, 'step_time_median_s'))} | "
+                     f"{fmt(ratio(a, b, 'peak_memory_bytes'))} | {fmt(ratio(a, b, 'peak_rss_bytes'))} |")
+    lines.append("")
+    lines.append("Ratios below 1 mean the first is faster or smaller. Speed-up = 1 / step-time ratio.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    labels = [f"{r['framework']}\n{r['method']}\n{r['variant']}" for r in ok]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(ok)), 4.5))
+    axes[0].bar(labels, [r["step_time_median_s"] for r in ok], color=["C0" if r["framework"] == "jax" else "C1" for r in ok])
+    axes[0].set_ylabel("median step time (s)")
+    mem = [(r["peak_memory_bytes"] or 0) / 2**20 for r in ok]
+    axes[1].bar(labels, mem, color=["C0" if r["framework"] == "jax" else "C1" for r in ok])
+    axes[1].set_ylabel("peak memory (MiB; GPU peak or XLA analysis)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="directory with the config.json to benchmark")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--cells", help="comma-separated framework:method:variant (default: the full grid)")
+    p.add_argument("--out", default=str(ROOT / "results" / "bench"))
+    p.add_argument("--name", help="output file stem (default: <model>-b<batch>-s<seq>-<platform>)")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    p.add_argument("--cell", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.cell:
+        cell = json.loads(args.cell)
+        result = run_jax(cell) if cell["framework"] == "jax" else run_torch(cell)
+        print(json.dumps(result))
+        return 0
+    if not (Path(args.config) / "config.json").is_file():
+        print(f"error: {args.config} has no config.json", file=sys.stderr)
+        return 2
+    if args.batch <= 0 or args.seq <= 0 or args.steps <= 0 or args.warmup < 0:
+        print("error: --batch, --seq and --steps must be > 0 and --warmup >= 0", file=sys.stderr)
+        return 2
+    grid = GRID
+    if args.cells:
+        try:
+            grid = [tuple(c.split(":")) for c in args.cells.split(",")]
+            assert all(len(c) == 3 and c[0] in ("jax", "torch") and c[1] in ("lora", "full") and c[2] in VARIANTS
+                       for c in grid)
+        except AssertionError:
+            print(f"error: --cells takes framework:method:variant with variants {', '.join(VARIANTS)}",
+                  file=sys.stderr)
+            return 2
+    rows = []
+    for framework, method, variant in grid:
+        cell = {"framework": framework, "method": method, "variant": variant, "config": args.config,
+                "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup}
+        print(f"[bench] {framework} {method} {variant} ...", file=sys.stderr, flush=True)
+        r = run_cell(cell, args.timeout)
+        rows.append(r)
+        if "error" in r:
+            print(f"[bench]   error: {r['error']}", file=sys.stderr, flush=True)
+        else:
+            times = sorted(r["step_times_s"])
+            print(f"[bench]   median step {times[len(times) // 2]:.3f} s", file=sys.stderr, flush=True)
+    summarise(rows)
+    dev = next((r["device"] for r in rows if "device" in r and r["framework"] == "jax"), {})
+    model_name = json.loads((Path(args.config) / "config.json").read_text()).get("model_type", "model")
+    stem = args.name or f"{model_name}-b{args.batch}-s{args.seq}-{dev.get('platform', 'unknown')}"
+    versions = {}
+    for r in rows:
+        versions.update(r.get("versions", {}))
+    import datetime
+
+    meta = {
+        "command": " ".join(["python", "scripts/bench.py", *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"{dev.get('platform')} ({dev.get('device_kind')}, host {dev.get('host')})",
+        "shape": f"{model_name} config from {args.config}, batch {args.batch}, seq {args.seq}",
+        "steps": args.steps, "warmup": args.warmup, "versions": versions,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n"),
+                         (".md", markdown(rows, meta))):
+        tmp = out / f"{stem}{suffix}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / f"{stem}{suffix}")
+    plot(rows, out / f"{stem}.png")
+    print(markdown(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
