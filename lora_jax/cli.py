@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--targets", help="qv, qkvo, all, or comma-separated regexes over parameter paths (default qv)")
     a("--lora-init", choices=("kaiming", "gaussian"), help="initialisation of A (default kaiming)")
     a("--rslora", action="store_const", const=True, help="scale by alpha/sqrt(r) instead of alpha/r")
-    a("--lora-forward", choices=("factored", "merged"), help="how the train step applies LoRA (default factored)")
+    a("--lora-forward", choices=("auto", "factored", "merged"),
+      help="how the train step applies LoRA: merged W + sAB (auto's choice: faster) or factored "
+           "x@W + s(x@A)@B (needed for --lora-dropout)")
     a("--epochs", type=float, help=f"default {d.epochs}")
     a("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
     a("--batch-size", type=int, help=f"default {d.batch_size}")

@@ -206,7 +206,8 @@ def split_for_training(params: dict, lcfg: lora.LoraConfig, key: jax.Array):
         tree["lora"] = lora.init(params, lcfg, key)
     label_tree = lora.labels(tree, lcfg)
     trainable, frozen = lora.partition(tree, label_tree)
-    trainable = {p: v.astype(jnp.float32) for p, v in trainable.items()}
+    # Copies: the train state is donated, and must not take the caller's arrays with it.
+    trainable = {p: jnp.array(v, jnp.float32, copy=True) for p, v in trainable.items()}
     flat_labels = lora.flatten(label_tree)
     return trainable, frozen, {p: flat_labels[p] for p in trainable}, lora.count(tree, label_tree)
 
@@ -288,21 +289,29 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def prepare_output_dir(path: Path, overwrite: bool) -> None:
+_RUN_FILES = ("report.json", "metrics.jsonl", "config.json")
+_RUN_DIRS = ("checkpoints", "adapter", "peft_adapter")
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
     """Refuse a directory that already holds a run, unless ``overwrite``."""
-    marks = ("report.json", "metrics.jsonl", "config.json")
     if path.exists() and not path.is_dir():
         raise RunError(f"--output-dir {path} exists and is not a directory")
-    held = [m for m in marks if (path / m).exists()]
+    held = [m for m in _RUN_FILES + _RUN_DIRS if (path / m).exists()]
     if held and not overwrite:
         raise RunError(f"--output-dir {path} already holds a run ({', '.join(held)}); pass --overwrite or choose another")
+
+
+def prepare_output_dir(path: Path, overwrite: bool) -> None:
+    """Create the directory; with ``overwrite``, remove the previous run's files first."""
+    import shutil
+
+    check_output_dir(path, overwrite)
     path.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        import shutil
-
-        for m in marks:
+        for m in _RUN_FILES:
             (path / m).unlink(missing_ok=True)
-        for d in ("checkpoints", "adapter", "peft_adapter"):
+        for d in _RUN_DIRS:
             shutil.rmtree(path / d, ignore_errors=True)
 
 
@@ -350,9 +359,10 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     if resume:
         _check_resumable(out, cfg)
     else:
-        prepare_output_dir(out, overwrite)
+        check_output_dir(out, overwrite)  # fail before the slow part; create nothing yet
     s = setup(cfg)
     if not resume:
+        prepare_output_dir(out, overwrite)
         _write_json_atomic(out / "config.json", cfg.to_dict())
     n_steps = total_steps(s)
     spe = steps_per_epoch(s)
@@ -360,7 +370,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
         raise data_lib.DataError(f"{len(s.train)} training examples are fewer than one batch of {cfg.batch_size}")
     optimizer = make_optimizer(s.label_of, cfg, n_steps)
     state = init_state(s, optimizer)
-    train_step = PerShape(make_train_step(s.mcfg, s.lcfg, optimizer, mode=cfg.lora_forward,
+    train_step = PerShape(make_train_step(s.mcfg, s.lcfg, optimizer, mode=cfg.forward_mode(),
                                           regression=s.task.is_regression))
     eval_step = make_eval_step(s.mcfg, s.lcfg)
     eval_every = cfg.eval_every or spe

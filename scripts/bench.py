@@ -51,6 +51,14 @@ VARIANTS = {
 }
 
 
+LEGEND = """Variants (lora-jax): `fp32` float32 everything, factored LoRA forward x@W + s(x@A)@B; `merged` the same with
+W + sAB formed in the step; `bf16-base` the frozen base stored in bfloat16 (LoRA, head and optimizer state
+float32, compute float32); `+remat` / `remat` per-layer activation rematerialisation (`jax.checkpoint`,
+save nothing); `bf16` bfloat16 base and bfloat16 compute. PyTorch `bf16` is `torch.autocast(bfloat16)` on
+float32 weights. All cells: AdamW, batch and sequence as above, random weights and tokens.
+"""
+
+
 def peak_rss() -> int:
     import resource
 
@@ -211,6 +219,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "CPU rows: for JAX, XLA's compiled memory analysis of the train step (arguments + outputs + temporaries "
         "- aliased); for both frameworks, the process's peak RSS (includes the runtime and libraries).",
         "",
+        LEGEND,
         "| framework | method | variant | trainable params | median step (s) | examples/s | peak memory (MiB) "
         "| XLA analysis (MiB) | peak RSS (MiB) |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",

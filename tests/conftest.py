@@ -45,9 +45,7 @@ def write_tiny_checkpoint(directory: Path, model_type: str = "bert", seed: int =
     extra = dict(type_vocab_size=2, layer_norm_eps=1e-12, pad_token_id=0) if model_type == "bert" else \
         dict(type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1)
     cfg = ModelConfig(model_type=model_type, **{**TINY, **extra, "vocab_size": max(TINY["vocab_size"], len(vocab)), **overrides})
-    hf = cfg.to_hf()
-    hf["max_position_embeddings"] = cfg.max_position_embeddings
-    (directory / "config.json").write_text(json.dumps(hf))
+    (directory / "config.json").write_text(json.dumps(cfg.to_hf()))
     params = init_params(cfg, jax.random.key(seed))
     # A base checkpoint has no task head: the loader must initialise it.
     base = {k: v for k, v in params.items() if k != "classifier"}

@@ -48,6 +48,7 @@ def test_bad_flags_one_line(tiny_bert_dir, glue_dir, tmp_path, capsys, extra, ma
     assert train_main(args(tiny_bert_dir, glue_dir, tmp_path / "r", *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()  # nothing half-written
 
 
 def test_bad_data_dir(tiny_bert_dir, tmp_path, capsys):
