@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import os
 import shlex
 import sys
 
@@ -145,18 +147,100 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def predict_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="lora-jax predict",
+        description="Predictions from one base and several adapters. Each input line is JSON: "
+        '{"adapter": NAME, "text": "..."} or {"adapter": NAME, "text": "...", "text_pair": "..."}. '
+        "Each output line holds the prediction, or an error for that line alone.")
+    p.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR",
+                   help="an adapter directory under a name (repeat for several)")
+    p.add_argument("--input", required=True, help="JSONL file, or - for standard input")
+    p.add_argument("--output", help="JSONL file (default: standard output)")
+    p.add_argument("--model", help="base model (default: the one named by the first adapter)")
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args(argv)
+    _setup_logging(logging.WARNING)
+    from .serve import PredictError, Predictor
+
+    try:
+        named = {}
+        for spec in args.adapter:
+            name, sep, directory = spec.partition("=")
+            if not sep or not name or not directory:
+                raise ConfigValueError(f"--adapter takes NAME=DIR, got {spec!r}")
+            named[name] = directory
+        if args.batch_size <= 0:
+            raise ConfigValueError(f"--batch-size must be > 0, got {args.batch_size}")
+        if args.input == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            try:
+                lines = open(args.input, encoding="utf-8").read().splitlines()
+            except OSError as e:
+                raise ConfigValueError(f"cannot read --input {args.input}: {e.strerror}") from None
+        predictor = Predictor(named, model=args.model, batch_size=args.batch_size)
+    except (*_user_errors(), PredictError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = predict_lines(predictor, lines)
+    text = "".join(json.dumps(r) + "\n" for r in results)
+    if args.output:
+        tmp = args.output + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, args.output)
+    else:
+        sys.stdout.write(text)
+    failed = sum("error" in r for r in results)
+    print(f"{len(results) - failed} of {len(results)} lines answered"
+          + (f"; {failed} errors (see their lines)" if failed else ""), file=sys.stderr)
+    return 0
+
+
+def predict_lines(predictor, lines: list[str]) -> list[dict]:
+    """Answer JSONL request lines in order; a bad line gets {"line", "error"} and the rest go on."""
+    from .serve import PredictError
+
+    results: list[dict | None] = [None] * len(lines)
+    groups: dict[str, list[tuple[int, object]]] = {}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            results[i] = {"line": i + 1, "error": "empty line"}
+            continue
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict) or "adapter" not in req or "text" not in req:
+                raise PredictError('a line is an object with "adapter" and "text" (and optionally "text_pair")')
+            text = req["text"] if "text_pair" not in req else (req["text"], req["text_pair"])
+            predictor.check(text, req["adapter"])
+            groups.setdefault(req["adapter"], []).append((i, text))
+        except json.JSONDecodeError as e:
+            results[i] = {"line": i + 1, "error": f"not JSON: {e.msg}"}
+        except PredictError as e:
+            results[i] = {"line": i + 1, "error": str(e)}
+    # All valid lines in mixed-adapter batches: one jitted call serves examples of different adapters.
+    order = [(i, name, t) for name, items in groups.items() for i, t in items]
+    preds = predictor.predict_mixed([t for _, _, t in order], [name for _, name, _ in order])
+    for (i, name, _), pred in zip(order, preds):
+        results[i] = {"line": i + 1, "adapter": name, **pred}
+    return results  # type: ignore[return-value]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``lora-jax train ...`` or ``lora-jax evaluate ...``."""
+    """``lora-jax train|evaluate|predict ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: lora-jax {train,evaluate} [--help] ...")
+        print("usage: lora-jax {train,evaluate,predict} [--help] ...")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
         return train_main(rest)
     if command == "evaluate":
         return evaluate_main(rest)
-    print(f"error: unknown command {command!r}; available: train, evaluate", file=sys.stderr)
+    if command == "predict":
+        return predict_main(rest)
+    print(f"error: unknown command {command!r}; available: train, evaluate, predict", file=sys.stderr)
     return 2
 
 
