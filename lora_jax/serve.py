@@ -98,6 +98,62 @@ class GatheredBias:
         return y + per_example.reshape(per_example.shape[:1] + (1,) * (y.ndim - 2) + per_example.shape[1:])
 
 
+_FINAL = ("classifier/kernel", "classifier/bias", "classifier/out_proj/kernel", "classifier/out_proj/bias")
+
+
+def stack_adapters(base: dict[str, Any], adapters: Sequence[tuple[dict, lora.LoraConfig]]) -> tuple[dict, int]:
+    """K adapters (trained leaves, LoraConfig) of one base, stacked on a leading axis K.
+
+    LoRA factors: ``a`` (K, d_in, r_max), ``b`` (K, r_max, d_out) with each adapter's scale folded in and
+    ranks zero-padded (zero rows and columns add nothing); an adapter that does not adapt a kernel
+    contributes zeros. Heads: whole per-adapter kernels and biases; the label axis is padded to the
+    widest head, with -1e9 biases so that padded classes get no probability. ``base`` is the flat base
+    tree (for kernel shapes). Returns ({"lora": ..., "head": ...}, widest head).
+    """
+    k = len(adapters)
+    heads_width = [v.shape[-1] for trained, _ in adapters for p, v in trained.items() if p[len("params/"):] in _FINAL]
+    c_max = max(heads_width) if heads_width else 1
+    r_max = max(cfg.rank for _, cfg in adapters)
+    paths = sorted({key[len("lora/"):-2] for trained, _ in adapters for key in trained if key.startswith("lora/")})
+    bank_lora = {}
+    for path in paths:
+        d_in, d_out = base[path].shape
+        a = np.zeros((k, d_in, r_max), np.float32)
+        b = np.zeros((k, r_max, d_out), np.float32)
+        for i, (trained, cfg) in enumerate(adapters):
+            if f"lora/{path}/a" in trained:
+                a[i, :, : cfg.rank] = trained[f"lora/{path}/a"]
+                b[i, : cfg.rank, :] = np.asarray(trained[f"lora/{path}/b"]) * cfg.scale
+        bank_lora[path] = {"a": a, "b": b}
+    heads = sorted({key[len("params/"):] for trained, _ in adapters for key in trained if key.startswith("params/")})
+    bank_head = {}
+    for path in heads:
+        leaves = [np.asarray(trained[f"params/{path}"], np.float32) for trained, _ in adapters]
+        if path in _FINAL:
+            stacked = np.full((k, *leaves[0].shape[:-1], c_max), -1e9 if path.endswith("bias") else 0.0, np.float32)
+            for i, v in enumerate(leaves):
+                stacked[i, ..., : v.shape[-1]] = v
+        else:
+            stacked = np.stack(leaves)
+        bank_head[path] = stacked
+    return {"lora": bank_lora, "head": bank_head}, c_max
+
+
+def mixed_forward(mcfg: ModelConfig, bank: dict, frozen: dict, batch: dict, idx: jax.Array) -> jax.Array:
+    """Logits (B, widest head) for a batch whose row i uses adapter ``idx[i]`` of ``bank``.
+
+    ``frozen`` is the flat base without its head; ``mcfg.num_labels`` is the widest head.
+    """
+    params = dict(frozen)
+    for path, f in bank["lora"].items():
+        params[path] = GatheredKernel(params[path], f["a"], f["b"], idx)
+    for path, stacked in bank["head"].items():
+        zero = jnp.zeros(stacked.shape[1:], stacked.dtype)
+        params[path] = (GatheredKernel(zero, stacked, None, idx) if path.endswith("kernel")
+                        else GatheredBias(zero, stacked, idx))
+    return forward(mcfg, lora.unflatten(params), batch)["logits"]
+
+
 class PredictError(ValueError):
     """A request that cannot be answered (unknown adapter, wrong input shape for the task, empty text)."""
 
@@ -247,64 +303,17 @@ class Predictor:
 
     # ------------------------------------------------------------------------- mixed batches
 
-    _FINAL = ("classifier/kernel", "classifier/bias", "classifier/out_proj/kernel", "classifier/out_proj/bias")
-
     def adapter_bank(self) -> dict:
-        """Every loaded adapter stacked on a leading axis K (built once).
-
-        LoRA factors: ``a`` (K, d_in, r_max), ``b`` (K, r_max, d_out) with each adapter's scale folded in and
-        ranks zero-padded (zero rows and columns add nothing); an adapter that does not adapt a kernel
-        contributes zeros. Heads: whole per-adapter kernels and biases; the label axis is padded to the
-        widest head, with -1e9 biases so that padded classes get no probability.
-        """
-        if self._bank is not None:
-            return self._bank
-        names = list(self.adapters)
-        ads = [self.adapters[n] for n in names]
-        k = len(ads)
-        flat = lora.flatten(self.params)
-        c_max = max(ad.mcfg.num_labels for ad in ads)
-        r_max = max(ad.lcfg.rank for ad in ads)
-        paths = sorted({key[len("lora/"):-2] for ad in ads for key in ad.trained if key.startswith("lora/")})
-        bank_lora = {}
-        for path in paths:
-            d_in, d_out = flat[path].shape
-            a = np.zeros((k, d_in, r_max), np.float32)
-            b = np.zeros((k, r_max, d_out), np.float32)
-            for i, ad in enumerate(ads):
-                if f"lora/{path}/a" in ad.trained:
-                    r = ad.lcfg.rank
-                    a[i, :, :r] = ad.trained[f"lora/{path}/a"]
-                    b[i, :r, :] = ad.trained[f"lora/{path}/b"] * ad.lcfg.scale
-            bank_lora[path] = {"a": a, "b": b}
-        heads = sorted({key[len("params/"):] for ad in ads for key in ad.trained if key.startswith("params/")})
-        bank_head = {}
-        for path in heads:
-            leaves = [ad.trained[f"params/{path}"] for ad in ads]
-            if path in self._FINAL:
-                width = c_max
-                fill = -1e9 if path.endswith("bias") else 0.0
-                stacked = np.full((k, *leaves[0].shape[:-1], width), fill, np.float32)
-                for i, v in enumerate(leaves):
-                    stacked[i, ..., : v.shape[-1]] = v
-            else:
-                stacked = np.stack(leaves)
-            bank_head[path] = stacked
-        mcfg = weights.read_config(self.model_dir, num_labels=c_max)
-        frozen = {p: v for p, v in flat.items() if not p.startswith("classifier/")}
-
-        def mixed(bank, frozen, batch, idx):
-            params = dict(frozen)
-            for path, f in bank["lora"].items():
-                params[path] = GatheredKernel(params[path], f["a"], f["b"], idx)
-            for path, stacked in bank["head"].items():
-                zero = jnp.zeros(stacked.shape[1:], stacked.dtype)
-                params[path] = (GatheredKernel(zero, stacked, None, idx) if path.endswith("kernel")
-                                else GatheredBias(zero, stacked, idx))
-            return forward(mcfg, lora.unflatten(params), batch)["logits"]
-
-        self._bank = {"names": names, "index": {n: i for i, n in enumerate(names)}, "mcfg": mcfg,
-                      "arrays": {"lora": bank_lora, "head": bank_head}, "frozen": frozen, "fn": jax.jit(mixed)}
+        """Every loaded adapter stacked on a leading axis (built once); see :func:`stack_adapters`."""
+        if self._bank is None:
+            names = list(self.adapters)
+            ads = [self.adapters[n] for n in names]
+            arrays, c_max = stack_adapters(lora.flatten(self.params), [(a.trained, a.lcfg) for a in ads])
+            mcfg = weights.read_config(self.model_dir, num_labels=c_max)
+            frozen = {p: v for p, v in lora.flatten(self.params).items() if not p.startswith("classifier/")}
+            self._bank = {"names": names, "index": {n: i for i, n in enumerate(names)}, "mcfg": mcfg,
+                          "arrays": arrays, "frozen": frozen,
+                          "fn": jax.jit(lambda b, f, x, i: mixed_forward(mcfg, b, f, x, i))}
         return self._bank
 
     def predict_mixed(self, texts: Sequence[Any], adapters: Sequence[str]) -> list[dict]:
