@@ -6,6 +6,8 @@ for STS-B regression.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
@@ -23,7 +25,9 @@ def compute(names: tuple[str, ...], predictions: np.ndarray, labels: np.ndarray)
     """``{name: value}`` for each metric name; a constant prediction gives correlation 0, not NaN."""
     out = {}
     for name in names:
-        value = float(_METRICS[name](np.asarray(predictions), np.asarray(labels)))
+        with warnings.catch_warnings():  # scipy warns on constant input; we report 0 for it below
+            warnings.simplefilter("ignore")
+            value = float(_METRICS[name](np.asarray(predictions), np.asarray(labels)))
         out[name] = 0.0 if np.isnan(value) else value
     return out
 

@@ -21,6 +21,10 @@ def _kib(n: int | None) -> str:
     return "none" if n is None else f"{n / 2**10:,.1f} KiB"
 
 
+def _pct(x: float | None) -> str:
+    return "unmeasured" if x is None else f"{100 * x:.1f}%"
+
+
 def _num(x, fmt: str) -> str:
     return "unmeasured" if x is None else format(x, fmt)
 
@@ -60,7 +64,7 @@ def markdown(r: dict) -> str:
         f"| real tokens/s | {_num(r['train_tokens_per_sec'], ',.0f')} |",
         f"| median step time | {_num(r['step_time_median_s'], '.4f')} s |",
         f"| compile time | {r['compile_time_s']:.1f} s ({r['compilations']} compilations, buckets {r['buckets']}) |",
-        f"| padding share | {100 * r['padding_share']:.1f}% |",
+        f"| padding share | {_pct(r['padding_share'])} |",
         f"| peak device memory | {_mib(mem['peak_device_bytes'])} |",
         f"| train step, XLA memory analysis (largest bucket) | args {_mib(comp.get('argument_bytes'))}, "
         f"temp {_mib(comp.get('temp_bytes'))}, output {_mib(comp.get('output_bytes'))} |",
