@@ -20,7 +20,6 @@ import os
 import re
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 from . import lora
@@ -227,7 +226,7 @@ def import_peft(directory: Path, params: dict, mcfg: ModelConfig) -> tuple[lora.
     if not (directory / PEFT_WEIGHTS).is_file():
         raise AdapterError(f"{directory} has no {PEFT_WEIGHTS}")
     tensors = _load_tensors(directory / PEFT_WEIGHTS)
-    prefix = f"base_model.model."
+    prefix = "base_model.model."
     flat_params = lora.flatten(params)
     trainable: dict[str, np.ndarray] = {}
     paths = []

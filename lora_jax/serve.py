@@ -63,11 +63,15 @@ class GatheredKernel:
                               None if self.b is None else self.b.astype(dtype), self.idx)
 
     def __rmatmul__(self, x):
-        a = self.a[self.idx]  # (B, d_in, r) or (B, d_in, d_out)
-        delta = jnp.einsum("b...d,bdr->b...r", x, a)
-        if self.b is not None:
-            delta = jnp.einsum("b...r,bro->b...o", delta, self.b[self.idx])
-        return x @ self.w + delta
+        if self.b is None:
+            # Whole kernels (heads): x times every adapter's kernel, then each row keeps its own. Gathering
+            # a (B, d_in, d_out) copy of the bank instead would move B full matrices through memory.
+            every = jnp.einsum("b...d,kdo->b...ko", x, self.a)
+            own = jax.nn.one_hot(self.idx, self.a.shape[0], dtype=every.dtype)
+            return x @ self.w + jnp.einsum("b...ko,bk->b...o", every, own)
+        # LoRA factors are small: gather each row's (d_in, r) and (r, d_out).
+        low = jnp.einsum("b...d,bdr->b...r", x, self.a[self.idx])
+        return x @ self.w + jnp.einsum("b...r,bro->b...o", low, self.b[self.idx])
 
 
 @jax.tree_util.register_pytree_node_class

@@ -13,7 +13,6 @@ computed from parameter counts in float32 (not measured).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics

@@ -110,9 +110,10 @@ def test_resume_errors(tiny_bert_dir, glue_dir, tmp_path):
 def test_checkpoint_holds_no_frozen_base(tiny_bert_dir, glue_dir, tmp_path):
     cfg = _tiny(tiny_bert_dir, glue_dir, tmp_path / "r", max_steps=4)
     fit(cfg, progress=False)
+    import orbax.checkpoint as ocp
+
     mngr = checkpoint.manager(tmp_path / "r" / "checkpoints")
-    meta = mngr.restore(4, args=__import__("orbax.checkpoint").checkpoint.args.Composite(
-        meta=__import__("orbax.checkpoint").checkpoint.args.JsonRestore())).meta
+    meta = mngr.restore(4, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     mngr.close()
     assert meta["task"] == "rte" and meta["label_names"] == ["entailment", "not_entailment"]
     assert meta["base_model"] == str(tiny_bert_dir) and meta["architecture_hash"]

@@ -9,7 +9,7 @@ import pytest
 
 from lora_jax import lora
 from lora_jax.lora import LoraConfig, LoraError
-from lora_jax.model import ModelConfig, dummy_batch, forward, init_params, param_shapes
+from lora_jax.model import ModelConfig, forward, init_params, param_shapes
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=64, max_position_embeddings=40)

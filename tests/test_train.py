@@ -1,16 +1,13 @@
 """Training invariants: frozen base bit-identical, only trainable leaves move and own optimizer
 state, the loss falls when overfitting, compilations are bounded, and fit() end to end."""
 
-import dataclasses
 import json
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from lora_jax import data as data_lib
-from lora_jax import lora
 from lora_jax.config import TrainConfig
 from lora_jax.train import (PerShape, TrainingDiverged, fit, init_state, make_optimizer, make_train_step, setup,
                             total_steps)

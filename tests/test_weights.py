@@ -28,7 +28,7 @@ def test_safetensors_round_trip_and_report(tmp_path):
 
 
 def test_flax_msgpack_with_model_prefix(tmp_path):
-    cfg = write_tiny_checkpoint(tmp_path / "src", "bert", seed=1)
+    write_tiny_checkpoint(tmp_path / "src", "bert", seed=1)
     _, params, _ = weights.from_pretrained(str(tmp_path / "src"))
     d = tmp_path / "flax"
     d.mkdir()
