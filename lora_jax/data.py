@@ -318,12 +318,22 @@ def eval_order(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
 
 
-def collate(data: Encoded, idx: np.ndarray, buckets: tuple[int, ...], batch_size: int) -> dict[str, np.ndarray]:
+def collate(data: Encoded, idx: np.ndarray, buckets: tuple[int, ...], batch_size: int,
+            rows: slice | None = None) -> dict[str, np.ndarray]:
     """Pad the examples ``idx`` to their bucket length; a short batch is filled to ``batch_size``
-    with copies of its first example, marked 0 in ``example_mask`` (keeps shapes static)."""
+    with copies of its first example, marked 0 in ``example_mask`` (keeps shapes static).
+
+    ``rows`` builds only those rows of the batch (one process's share in a
+    multi-process run); the length is still the whole batch's bucket, so every
+    process agrees on the shape.
+    """
     real = len(idx)
     full = np.concatenate([idx, np.repeat(idx[:1], batch_size - real)]) if real < batch_size else idx
     t = bucket_for(int(max(len(data.ids[i]) for i in full)), buckets)
+    example_mask = np.arange(batch_size) < real
+    if rows is not None:
+        full, example_mask = full[rows], example_mask[rows]
+        batch_size = len(full)
     input_ids = np.full((batch_size, t), data.pad_id, np.int32)
     type_ids = np.zeros((batch_size, t), np.int32)
     mask = np.zeros((batch_size, t), np.int32)
@@ -332,8 +342,6 @@ def collate(data: Encoded, idx: np.ndarray, buckets: tuple[int, ...], batch_size
         input_ids[row, :n] = data.ids[i]
         type_ids[row, :n] = data.type_ids[i]
         mask[row, :n] = 1
-    example_mask = np.zeros(batch_size, np.bool_)
-    example_mask[:real] = True
     return {
         "input_ids": input_ids,
         "attention_mask": mask,

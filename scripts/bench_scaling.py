@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Data-parallel scaling: examples/s of the LoRA train step against the number of devices.
+
+The global batch stays fixed (default 32) and is split over a (data, fsdp) mesh
+of N devices, exactly as ``lora-jax train`` does it (lora_jax.parallel). Random
+weights of the shape in a config.json (default: MiniLM from ../shared), random
+tokens, one shape. Each device count runs in its own subprocess.
+
+On a CPU, ``--force-cpu-devices`` splits the one host into N XLA devices
+(``--xla_force_host_platform_device_count``): the cores are shared, so the
+table shows the overhead of sharding and of the gradient all-reduce, not a
+speed-up. On a multi-GPU machine leave it off and list device counts up to the
+number of GPUs.
+
+    python scripts/bench_scaling.py --force-cpu-devices --devices 1,2,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT.parent / "shared" / "models" / "all-MiniLM-L6-v2"
+
+
+def run_cell(cell: dict) -> dict:
+    import jax
+    import numpy as np
+
+    from lora_jax import lora, parallel, profiling, weights
+    from lora_jax.config import TrainConfig
+    from lora_jax.model import init_params
+    from lora_jax.train import make_optimizer, make_train_step, new_state, split_for_training
+
+    n = cell["devices"]
+    if jax.device_count() < n:
+        raise SystemExit(f"error: {n} devices asked, {jax.device_count()} present")
+    mesh = parallel.make_mesh(cell["fsdp"], jax.devices()[:n])
+    mcfg = weights.read_config(Path(cell["config"]), num_labels=2)
+    params = init_params(mcfg, jax.random.key(0))
+    lcfg = lora.LoraConfig(rank=8, alpha=16)
+    trainable, frozen, label_of, _ = split_for_training(params, lcfg, jax.random.key(1))
+    optimizer = make_optimizer(label_of, TrainConfig(lr=1e-4, warmup_ratio=0.0), 1000)
+    state = parallel.place(new_state(trainable, optimizer, 0), parallel.replicated(mesh))
+    frozen = parallel.place(frozen, parallel.frozen_shardings(frozen, mesh))
+    step = make_train_step(mcfg, lcfg, optimizer, mode="merged", regression=False, mesh=mesh)
+    rng = np.random.default_rng(0)
+    b, t = cell["batch"], cell["seq"]
+    parallel.local_batch_size(b, mesh)  # one-line error if it does not divide
+    batch = parallel.put_batch({
+        "input_ids": rng.integers(3, mcfg.vocab_size, (b, t)).astype(np.int32),
+        "attention_mask": np.ones((b, t), np.int32),
+        "token_type_ids": np.zeros((b, t), np.int32),
+        "labels": rng.integers(0, 2, b).astype(np.int32),
+    }, mesh)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(cell["warmup"] + cell["steps"]):
+        t0 = time.perf_counter()
+        state, m = compiled(state, frozen, batch)
+        jax.block_until_ready(m["loss"])
+        if i >= cell["warmup"]:
+            times.append(time.perf_counter() - t0)
+    return {"step_times_s": times, "compile_s": compile_s, "parallel": parallel.describe(mesh),
+            "versions": profiling.versions("jax", "jaxlib", "flax", "optax"), "device": profiling.device_info()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="directory with the model's config.json")
+    p.add_argument("--devices", default="1,2,4", help="comma-separated device counts")
+    p.add_argument("--fsdp", type=int, default=1, help="fsdp axis size in every cell")
+    p.add_argument("--force-cpu-devices", action="store_true", help="split the CPU into N XLA devices per cell")
+    p.add_argument("--batch", type=int, default=32, help="global batch")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--name", default="minilm-cpu", help="results/scaling/NAME.{json,md}")
+    p.add_argument("--cell", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.cell:
+        print("RESULT " + json.dumps(run_cell(json.loads(args.cell))))
+        return 0
+    if not (Path(args.config) / "config.json").is_file():
+        print(f"error: no config.json in {args.config}", file=sys.stderr)
+        return 2
+    try:
+        counts = [int(x) for x in args.devices.split(",")]
+    except ValueError:
+        print(f"error: --devices must be comma-separated integers, got {args.devices!r}", file=sys.stderr)
+        return 2
+    from tqdm.auto import tqdm
+
+    from lora_jax import profiling
+
+    rows = []
+    for n in tqdm(counts, desc="device counts"):
+        cell = dict(devices=n, fsdp=args.fsdp, config=args.config, batch=args.batch, seq=args.seq,
+                    steps=args.steps, warmup=args.warmup)
+        env = dict(os.environ)
+        if args.force_cpu_devices:
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+            env["JAX_PLATFORMS"] = "cpu"
+        done = subprocess.run([sys.executable, __file__, "--cell", json.dumps(cell)], capture_output=True,
+                              text=True, env=env)
+        lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+        if done.returncode or not lines:
+            print(f"error: the {n}-device cell failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            return 1
+        res = json.loads(lines[-1][len("RESULT "):])
+        med = profiling.median(res["step_times_s"])
+        rows.append({**cell, **res, "step_median_s": med, "examples_per_s": args.batch / med})
+    base = rows[0]["examples_per_s"]
+    for r in rows:
+        r["relative_to_first"] = r["examples_per_s"] / base
+    out = ROOT / "results" / "scaling"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": " ".join(["python", "scripts/bench_scaling.py", *sys.argv[1:]]),
+        "date": profiling.now(),
+        "forced_cpu_devices": args.force_cpu_devices,
+        "config": args.config,
+        "rows": rows,
+    }
+    tmp = out / f"{args.name}.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / f"{args.name}.json")
+    first = rows[0]
+    lines = [
+        f"# Data-parallel scaling: {Path(args.config).name}, LoRA r=8 q,v, global batch {args.batch}, seq {args.seq}",
+        "",
+        f"Command: `{record['command']}`  ",
+        f"Date: {record['date']}; device: {first['device']}; versions: {first['versions']}  ",
+        ("CPU split into N XLA devices sharing the same cores: this shows the cost of sharding and of the "
+         "gradient all-reduce, not a speed-up." if args.force_cpu_devices else "One device per accelerator."),
+        "",
+        "| devices | mesh (data x fsdp) | per-device batch | step median (s) | examples/s | vs 1st row |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        mesh = r["parallel"]["mesh"]
+        lines.append(f"| {r['devices']} | {mesh['data']} x {mesh['fsdp']} | {args.batch // r['devices']} | "
+                     f"{r['step_median_s']:.3f} | {r['examples_per_s']:.1f} | {r['relative_to_first']:.2f}x |")
+    (out / f"{args.name}.md.tmp").write_text("\n".join(lines) + "\n")
+    os.replace(out / f"{args.name}.md.tmp", out / f"{args.name}.md")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
