@@ -19,15 +19,17 @@ from .config import METHODS, ConfigValueError, TrainConfig, preset
 # Errors that are the user's input, not our bug: one line, no traceback.
 def _user_errors():
     from .adapter import AdapterError
+    from .adaptive import AdaptiveError
     from .checkpoint import CheckpointError
     from .data import DataError
     from .lora import LoraError
     from .model import ConfigError
+    from .parallel import ParallelError
     from .train import RunError
     from .weights import WeightsError
 
     return (ConfigValueError, DataError, LoraError, ConfigError, RunError, WeightsError, AdapterError,
-            CheckpointError)
+            CheckpointError, ParallelError, AdaptiveError)
 
 
 def _setup_logging(level: int) -> None:
@@ -59,6 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora-forward", choices=("auto", "factored", "merged"),
       help="how the train step applies LoRA: merged W + sAB (auto's choice: faster) or factored "
            "x@W + s(x@A)@B (needed for --lora-dropout)")
+    ada = p.add_argument_group(
+        "adaptive rank (--method adalora)",
+        "AdaLoRA: every target starts at the initial rank; a global budget falls on a cubic schedule to the "
+        "target mean rank, moved between matrices by importance. Use --targets all to let it move between "
+        "matrix types. --lora-alpha sets the scale alpha / initial rank.")
+    ada.add_argument("--adalora-init-rank", type=int, help=f"default {d.adalora_init_rank}")
+    ada.add_argument("--adalora-target-rank", type=float, help=f"mean final rank (default {d.adalora_target_rank:g})")
+    ada.add_argument("--adalora-warmup-steps", type=int, help="steps before pruning starts (default 10%% of the run)")
+    ada.add_argument("--adalora-final-steps", type=int, help="steps at the final budget (default 25%% of the run)")
+    ada.add_argument("--adalora-interval", type=int, help=f"steps between reallocations (default {d.adalora_interval})")
+    ada.add_argument("--adalora-beta1", type=float, help=f"importance EMA (default {d.adalora_beta1})")
+    ada.add_argument("--adalora-beta2", type=float, help=f"uncertainty EMA (default {d.adalora_beta2})")
+    ada.add_argument("--adalora-orth-reg", type=float, help=f"orthogonality weight (default {d.adalora_orth_reg})")
     a("--epochs", type=float, help=f"default {d.epochs}")
     a("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
     a("--batch-size", type=int, help=f"default {d.batch_size}")
@@ -82,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--output-dir", help=f"default {d.output_dir}")
     a("--overwrite", action="store_true", help="replace a run already in --output-dir")
     a("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group(
+        "devices and processes",
+        "--batch-size is the global batch, split over every device of every process. Multi-process runs start "
+        "one process per host (or per GPU) with the same flags; JAX's cluster detection (SLURM, Open MPI, "
+        "Kubernetes) or the three flags below say how they find each other.")
+    g.add_argument("--fsdp", type=int, default=1,
+                   help="shard the frozen base over N devices (a second mesh axis) instead of replicating it")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run, detecting the cluster (jax.distributed.initialize())")
+    g.add_argument("--coordinator-address", help="HOST:PORT of process 0 (or env JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=int, help="number of processes in the run")
+    g.add_argument("--process-id", type=int, help="this process's index, 0 .. num-processes - 1")
     return p
 
 
@@ -97,18 +124,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def train_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(logging.INFO)
+    from . import parallel
     from .train import TrainingDiverged, fit
 
     try:
         cfg = config_from_args(args)
+        parallel.initialize(parallel.DistributedConfig(args.coordinator_address, args.num_processes,
+                                                       args.process_id, auto=args.distributed))
+        if not parallel.is_main_process():
+            logging.getLogger("lora_jax").setLevel(logging.WARNING)  # one voice: process 0's
         report, _ = fit(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress,
-                        command=shlex.join(["python", *sys.argv]) if argv is None else None)
+                        command=shlex.join(["python", *sys.argv]) if argv is None else None,
+                        mesh=parallel.make_mesh(args.fsdp))
     except TrainingDiverged as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 1
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not parallel.is_main_process():
+        return 0
     primary = report["primary_metric"]
     split, name = primary.split("/")
     m = report["metrics"][split]

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from . import data as data_lib
-from . import lora, metrics, profiling, weights
+from . import lora, metrics, parallel, profiling, weights
 from .config import TrainConfig
 from .model import ModelConfig, forward
 
@@ -107,8 +107,15 @@ def model_params(trainable: dict, frozen: dict, lcfg: lora.LoraConfig, *, mode: 
     return lora.apply(tree["params"], adapters, lcfg, mode=mode, rng=rng)
 
 
-def make_train_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, optimizer, *, mode: str, regression: bool) -> Callable:
-    """``step(state, frozen, batch) -> (state, {"loss", "grad_norm"})``, jitted with ``state`` donated."""
+def make_train_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, optimizer, *, mode: str, regression: bool,
+                    mesh=None) -> Callable:
+    """``step(state, frozen, batch) -> (state, {"loss", "grad_norm"})``, jitted with ``state`` donated.
+
+    With a ``mesh`` (see ``parallel``), the inputs arrive already placed (batch
+    sharded, state replicated) and the outputs are pinned replicated, so the
+    state keeps its placement from step to step; the loss is the mean over the
+    global batch whatever the number of devices.
+    """
 
     def loss_fn(trainable, frozen, batch, rng):
         k_lora, k_drop = jax.random.split(rng)
@@ -125,17 +132,24 @@ def make_train_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, optimizer, *, mode
         new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, out_shardings=parallel.replicated(mesh))
 
 
-def make_eval_step(mcfg: ModelConfig, lcfg: lora.LoraConfig) -> Callable:
-    """``eval(trainable, frozen, batch) -> logits (B, num_labels)``; adapters merged (no dropout)."""
+def make_eval_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, mesh=None) -> Callable:
+    """``eval(trainable, frozen, batch) -> logits (B, num_labels)``; adapters merged (no dropout).
+
+    With a ``mesh`` the logits come back replicated, readable on every process.
+    """
 
     def evaluate(trainable, frozen, batch):
         params = model_params(trainable, frozen, lcfg, mode="merged")
         return forward(mcfg, params, batch, train=False)["logits"]
 
-    return jax.jit(evaluate)
+    if mesh is None:
+        return jax.jit(evaluate)
+    return jax.jit(evaluate, out_shardings=parallel.replicated(mesh))
 
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
@@ -256,15 +270,22 @@ def new_state(trainable: dict, optimizer, seed: int) -> TrainState:
 
 
 def evaluate(task: data_lib.Task, dev: dict[str, data_lib.Encoded], buckets: tuple[int, ...], eval_fn: Callable,
-             trainable: dict, frozen: dict, batch_size: int) -> dict[str, dict[str, float]]:
-    """Metrics per dev split, e.g. {"dev": {"accuracy": 0.7}}."""
+             trainable: dict, frozen: dict, batch_size: int, mesh=None) -> dict[str, dict[str, float]]:
+    """Metrics per dev split, e.g. {"dev": {"accuracy": 0.7}}.
+
+    With a ``mesh`` each process builds its rows of every batch and all of them
+    see all logits (``eval_fn`` from ``make_eval_step(..., mesh)``).
+    """
+    rows = parallel.local_rows(batch_size, mesh) if mesh is not None else None
     results = {}
     for split, enc in dev.items():
         preds = np.zeros(len(enc), np.float32 if task.is_regression else np.int64)
         for idx in data_lib.eval_order(enc.lengths, batch_size):
-            batch = data_lib.collate(enc, idx, buckets, batch_size)
+            batch = data_lib.collate(enc, idx, buckets, batch_size, rows=rows)
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-            logits = np.asarray(eval_fn(trainable, frozen, inputs))[: len(idx)]
+            if mesh is not None:
+                inputs = parallel.put_batch(inputs, mesh)
+            logits = parallel.to_host(eval_fn(trainable, frozen, inputs))[: len(idx)]
             preds[idx] = metrics.predictions_from_logits(logits, task.is_regression)
         results[split] = metrics.compute(task.metrics, preds, enc.labels)
     return results
@@ -337,7 +358,7 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
 
 
 def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
-        progress: bool = True, command: str | None = None) -> tuple[dict, TrainState]:
+        progress: bool = True, command: str | None = None, mesh=None) -> tuple[dict, TrainState]:
     """Train, evaluate, checkpoint, and write to ``cfg.output_dir``: ``report.json``, ``report.md``,
     ``metrics.jsonl``, ``checkpoints/`` (Orbax), ``adapter/`` (lora-jax) and ``peft_adapter/`` (LoRA runs).
 
@@ -346,6 +367,11 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     uninterrupted run (bit-identical on CPU): the data order and dropout keys are
     functions of (seed, step). Returns the report and the final train state.
     Raises TrainingDiverged on a NaN/inf loss (files already written stay).
+
+    ``mesh`` (default: every device, see ``parallel.make_mesh``) shards each
+    global batch of ``cfg.batch_size`` rows over the devices; in a multi-process
+    run every process calls ``fit`` and builds its own rows, process 0 writes the
+    files and all of them write the checkpoints together (Orbax).
     """
     from tqdm.auto import tqdm
 
@@ -356,23 +382,28 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     t_start = time.perf_counter()
     out = Path(cfg.output_dir)
     cfg.validate()
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    rows = parallel.local_rows(cfg.batch_size, mesh)  # fails early if the batch does not divide
+    main = parallel.is_main_process()
     if resume:
         _check_resumable(out, cfg)
     else:
         check_output_dir(out, overwrite)  # fail before the slow part; create nothing yet
     s = setup(cfg)
-    if not resume:
+    if not resume and main:
         prepare_output_dir(out, overwrite)
         _write_json_atomic(out / "config.json", cfg.to_dict())
+    parallel.barrier("lora_jax.output_dir")
     n_steps = total_steps(s)
     spe = steps_per_epoch(s)
     if spe == 0:
         raise data_lib.DataError(f"{len(s.train)} training examples are fewer than one batch of {cfg.batch_size}")
     optimizer = make_optimizer(s.label_of, cfg, n_steps)
-    state = init_state(s, optimizer)
+    state = parallel.place(init_state(s, optimizer), parallel.replicated(mesh))
+    frozen = parallel.place(s.frozen, parallel.frozen_shardings(s.frozen, mesh))
     train_step = PerShape(make_train_step(s.mcfg, s.lcfg, optimizer, mode=cfg.forward_mode(),
-                                          regression=s.task.is_regression))
-    eval_step = make_eval_step(s.mcfg, s.lcfg)
+                                          regression=s.task.is_regression, mesh=mesh))
+    eval_step = make_eval_step(s.mcfg, s.lcfg, mesh)
     eval_every = cfg.eval_every or spe
     save_every = cfg.save_every or spe
     log.info(lora.describe(s.counts))
@@ -388,7 +419,8 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
         state, meta = restored
         step, history, best = int(meta["step"]), meta["history"], meta["best"]
         log.info("resumed from step %d of %d", step, n_steps)
-        _truncate_jsonl(out / "metrics.jsonl", step)
+        if main:
+            _truncate_jsonl(out / "metrics.jsonl", step)
     meta_base = {
         "base_model": cfg.model,
         "architecture_hash": s.mcfg.architecture_hash(),
@@ -403,8 +435,10 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     seen_shapes: set = set()
     lengths = s.train.lengths
     used_batches = []
-    metrics_file = open(out / "metrics.jsonl", "a")
-    bar = tqdm(total=n_steps, initial=step, desc=f"{cfg.task} {cfg.method}", disable=not progress, unit="step")
+    # Only process 0 logs; the others write to nowhere so the loop reads the same everywhere.
+    metrics_file = open(out / "metrics.jsonl" if main else os.devnull, "a")
+    bar = tqdm(total=n_steps, initial=step, desc=f"{cfg.task} {cfg.method}", disable=not (progress and main),
+               unit="step")
     primary_split = s.task.dev_splits[0]
     try:
         while step < n_steps:
@@ -413,27 +447,28 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
             for idx in batches:
                 if step >= n_steps:
                     break
-                batch = data_lib.collate(s.train, idx, s.buckets, cfg.batch_size)
+                batch = data_lib.collate(s.train, idx, s.buckets, cfg.batch_size, rows=rows)
                 used_batches.append(idx)
-                inputs = {k: batch[k] for k in _MODEL_INPUTS}
-                shape = inputs["input_ids"].shape
                 t0 = time.perf_counter()
+                inputs = parallel.put_batch({k: batch[k] for k in _MODEL_INPUTS}, mesh)
+                shape = inputs["input_ids"].shape  # global (batch, length)
                 compiles_before = train_step.compile_seconds
-                state, m = train_step(state, s.frozen, inputs)
-                loss = float(m["loss"])  # blocks until the step is done
+                state, m = train_step(state, frozen, inputs)
+                loss = float(parallel.to_host(m["loss"]))  # blocks until the step is done
                 dt = time.perf_counter() - t0 - (train_step.compile_seconds - compiles_before)
                 step += 1
                 if shape in seen_shapes:  # the first run of each shape is warm-up
                     step_times.append(dt)
                     timed_examples += shape[0]
-                    timed_tokens += int(batch["attention_mask"].sum())
+                    timed_tokens += int(lengths[idx].sum())
                 seen_shapes.add(shape)
                 if not math.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss became {loss} at step {step}; try a lower --lr (now {cfg.lr})"
                     )
                 if step % cfg.log_every == 0 or step == n_steps:
-                    rec = {"step": step, "epoch": epoch, "loss": loss, "grad_norm": float(m["grad_norm"]),
+                    rec = {"step": step, "epoch": epoch, "loss": loss,
+                           "grad_norm": float(parallel.to_host(m["grad_norm"])),
                            "seq_len": shape[1]}
                     metrics_file.write(json.dumps(rec) + "\n")
                     metrics_file.flush()
@@ -441,7 +476,8 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
                                     ex_s=f"{timed_examples / sum(step_times):.1f}" if step_times else "-")
                 bar.update(1)
                 if step % eval_every == 0 or step == n_steps:
-                    res = evaluate(s.task, s.dev, s.buckets, eval_step, state.trainable, s.frozen, cfg.batch_size)
+                    res = evaluate(s.task, s.dev, s.buckets, eval_step, state.trainable, frozen, cfg.batch_size,
+                                   mesh)
                     rec = {"step": step, "epoch": epoch, "eval": res}
                     history.append(rec)
                     metrics_file.write(json.dumps(rec) + "\n")
@@ -449,8 +485,9 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
                     for split, values in res.items():
                         if split not in best or values[s.task.primary] > best[split]["values"][s.task.primary]:
                             best[split] = {"step": step, "values": values}
-                    bar.write(f"step {step}: " + ", ".join(
-                        f"{sp}/{k}={v:.4f}" for sp, vals in res.items() for k, v in vals.items()))
+                    if main:
+                        bar.write(f"step {step}: " + ", ".join(
+                            f"{sp}/{k}={v:.4f}" for sp, vals in res.items() for k, v in vals.items()))
                 if step % save_every == 0 or step == n_steps:
                     checkpoint.save(mngr, step, state, {**meta_base, "history": history, "best": best,
                                                         "epoch": step // spe, "batch_in_epoch": step % spe})
@@ -459,11 +496,13 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
         metrics_file.close()
         mngr.close()
 
-    trained = {k: np.asarray(v) for k, v in state.trainable.items()}
-    adapter_bytes = adapter_lib.export(out / "adapter", trained, mcfg=s.mcfg, lcfg=s.lcfg, base_model=cfg.model,
-                                       task=cfg.task, label_names=s.task.label_names, max_seq_len=cfg.max_seq_len)
-    peft_bytes = None
-    if s.lcfg.targets:
+    trained = {k: parallel.to_host(v) for k, v in state.trainable.items()}
+    adapter_bytes = peft_bytes = None
+    if main:
+        adapter_bytes = adapter_lib.export(out / "adapter", trained, mcfg=s.mcfg, lcfg=s.lcfg, base_model=cfg.model,
+                                           task=cfg.task, label_names=s.task.label_names,
+                                           max_seq_len=cfg.max_seq_len)
+    if main and s.lcfg.targets:
         peft_bytes = adapter_lib.export_peft(out / "peft_adapter", trained, mcfg=s.mcfg, lcfg=s.lcfg,
                                              base_model=cfg.model)
     wall = time.perf_counter() - t_start
@@ -492,6 +531,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
         "epochs_run": round(step / spe, 3),
         "train_examples": len(s.train),
         "eval_examples": {k: len(v) for k, v in s.dev.items()},
+        "parallel": parallel.describe(mesh),
         "train_examples_per_sec": timed_examples / sum(step_times) if step_times else None,
         "train_tokens_per_sec": timed_tokens / sum(step_times) if step_times else None,
         "step_time_median_s": profiling.median(step_times),
@@ -514,5 +554,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
         "device": profiling.device_info(),
         "date": profiling.now(),
     }
-    write_report(out, report)
+    if main:
+        write_report(out, report)
+    parallel.barrier("lora_jax.fit_done")
     return report, state
