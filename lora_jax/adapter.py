@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -157,8 +158,6 @@ _PEFT_UNSUPPORTED = {
     "bias": ("none", None),
     "fan_in_fan_out": (False, None),
     "layers_to_transform": (None,),
-    "rank_pattern": ({}, None),
-    "alpha_pattern": ({}, None),
     "layer_replication": (None,),
     "use_qalora": (False, None),
 }
@@ -176,6 +175,7 @@ def export_peft(directory: Path, trainable: dict, *, mcfg: ModelConfig, lcfg: lo
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors, modules = {}, []
+    rank_pattern, alpha_pattern = {}, {}
     for key, value in trainable.items():
         kind, _, rest = key.partition("/")
         value = np.asarray(value, np.float32)
@@ -184,6 +184,10 @@ def export_peft(directory: Path, trainable: dict, *, mcfg: ModelConfig, lcfg: lo
             module = _torch_module(path, mcfg)
             if factor == "a":
                 modules.append(module)
+                r = value.shape[1]
+                if r != lcfg.rank:  # adaptive-rank adapters: per-module rank, the same scale everywhere
+                    rank_pattern[module] = r
+                    alpha_pattern[module] = lcfg.scale * (math.sqrt(r) if lcfg.rslora else r)
             name = "lora_A" if factor == "a" else "lora_B"
             tensors[f"base_model.model.{module}.{name}.weight"] = value.T
         else:
@@ -200,6 +204,8 @@ def export_peft(directory: Path, trainable: dict, *, mcfg: ModelConfig, lcfg: lo
         "use_rslora": lcfg.rslora,
         # Exact module names: peft matches list entries by name or dotted suffix.
         "target_modules": sorted(modules),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "modules_to_save": ["classifier"],
         "bias": "none",
         "fan_in_fan_out": False,
@@ -256,13 +262,31 @@ def import_peft(directory: Path, params: dict, mcfg: ModelConfig) -> tuple[lora.
             trainable[f"params/{base_path}"] = value
     if not paths:
         raise AdapterError(f"{directory} holds no LoRA tensors")
-    ranks = {trainable[f"lora/{p}/a"].shape[1] for p in paths}
-    if ranks != {cfg["r"]}:
-        raise AdapterError(f"{directory}: LoRA tensors have rank {sorted(ranks)} but r = {cfg['r']}")
+    rslora = bool(cfg.get("use_rslora", False))
+
+    def scale(alpha: float, r: int) -> float:
+        return alpha / (math.sqrt(r) if rslora else r)
+
+    def pattern(patterns: dict, module: str, default):
+        # peft's rule: a key matches a module name that equals it or ends with "." + key.
+        for key, value in (patterns or {}).items():
+            if re.fullmatch(rf"(.*\.)?{key}", module):
+                return value
+        return default
+
+    for path in paths:
+        module = _torch_module(path, mcfg)
+        a = trainable[f"lora/{path}/a"]
+        want = int(pattern(cfg.get("rank_pattern"), module, cfg["r"]))
+        if a.shape[1] != want:
+            raise AdapterError(f"{directory}: {module} has LoRA rank {a.shape[1]} but its config says {want}")
+        alpha = float(pattern(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
+        # One scale per adapter here: fold a module's own scale into its A.
+        trainable[f"lora/{path}/a"] = a * (scale(alpha, want) / scale(float(cfg["lora_alpha"]), int(cfg["r"])))
     heads = sorted({k.split("/")[1] for k in trainable if k.startswith("params/")})
     lcfg = lora.LoraConfig(
         rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
-        rslora=bool(cfg.get("use_rslora", False)),
+        rslora=rslora,
         targets=tuple(re.escape(p) for p in sorted(paths)),
         trainable=tuple(f"{re.escape(h)}/.*" for h in heads) or (r"classifier/.*",),
     )

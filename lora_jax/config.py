@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .lora import TARGET_PRESETS, LoraConfig, full_finetuning
 
-METHODS = ("lora", "full")
+METHODS = ("lora", "full", "adalora")
 
 
 class ConfigValueError(ValueError):
@@ -35,6 +35,16 @@ class TrainConfig:
     # "factored" x@W + s(x@A)@B, "merged" x@(W + sAB), or "auto": merged (measured faster on CPU and
     # H100, results/bench/) unless LoRA dropout needs the factored form.
     lora_forward: str = "auto"
+    # AdaLoRA (--method adalora): every target starts at adalora_init_rank; the total falls to
+    # adalora_target_rank per matrix on average. Warm-up / final steps default to 10% / 25% of the run.
+    adalora_init_rank: int = 12
+    adalora_target_rank: float = 8.0
+    adalora_warmup_steps: int | None = None
+    adalora_final_steps: int | None = None
+    adalora_interval: int = 10
+    adalora_beta1: float = 0.85
+    adalora_beta2: float = 0.85
+    adalora_orth_reg: float = 0.1
     # optimisation
     epochs: float = 3.0
     max_steps: int | None = None
@@ -94,6 +104,9 @@ class TrainConfig:
             if v is not None and v <= 0:
                 raise ConfigValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
         self.lora_config()  # raises LoraError on bad rank / alpha / dropout / patterns
+        if self.method == "adalora":
+            # Everything but the run length is checkable now; adalora_config checks the schedule.
+            self.adalora_config(total_steps=10**9)
 
     def forward_mode(self) -> str:
         if self.lora_forward == "auto":
@@ -109,12 +122,23 @@ class TrainConfig:
         if self.method == "full":
             return full_finetuning()
         return LoraConfig(
-            rank=self.lora_rank,
+            rank=self.adalora_init_rank if self.method == "adalora" else self.lora_rank,
             alpha=self.lora_alpha,
             dropout=self.lora_dropout,
             targets=self.target_patterns(),
             init_a=self.lora_init,
             rslora=self.rslora,
+        )
+
+    def adalora_config(self, total_steps: int):
+        """The adaptive-rank schedule for a run of ``total_steps``; raises AdaptiveError on bad values."""
+        from .adaptive import AdaLoraConfig, default_steps
+
+        warmup, final = default_steps(total_steps, self.adalora_warmup_steps, self.adalora_final_steps)
+        return AdaLoraConfig(
+            init_rank=self.adalora_init_rank, target_rank=self.adalora_target_rank, total_steps=total_steps,
+            warmup_steps=warmup, final_steps=final, interval=self.adalora_interval, beta1=self.adalora_beta1,
+            beta2=self.adalora_beta2, orth_reg=self.adalora_orth_reg,
         )
 
     def to_dict(self) -> dict:

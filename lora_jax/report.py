@@ -71,6 +71,23 @@ def markdown(r: dict) -> str:
         f"| peak RSS | {_mib(mem['peak_rss_bytes'])} |",
         f"| wall time | {r['wall_time_s']:.1f} s |",
         "",
+    ]
+    ada = r.get("adaptive")
+    if ada:
+        sch = ada["schedule"]
+        lines += [
+            "## Adaptive rank (AdaLoRA)",
+            "",
+            f"{ada['matrices']} matrices started at rank {ada['init_rank']} "
+            f"({r['lora_params_during_training']:,} LoRA parameters trained); the budget fell to a mean of "
+            f"{ada['target_rank']:g} (warm-up {sch['warmup_steps']} steps, final {sch['final_steps']}, "
+            f"reallocation every {sch['interval']}). Final total rank {ada['final_total_rank']} "
+            f"(mean {ada['final_mean_rank']:.2f}); {ada['pruned_to_zero']} matrices pruned to rank 0. "
+            "The adapter is saved at these ranks. Per matrix: `adaptive/ranks.json`; plots: "
+            "`adaptive/ranks.png`, `adaptive/budget.png`.",
+            "",
+        ]
+    lines += [
         "## Config",
         "",
         "```json",

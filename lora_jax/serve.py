@@ -126,8 +126,9 @@ def stack_adapters(base: dict[str, Any], adapters: Sequence[tuple[dict, lora.Lor
         b = np.zeros((k, r_max, d_out), np.float32)
         for i, (trained, cfg) in enumerate(adapters):
             if f"lora/{path}/a" in trained:
-                a[i, :, : cfg.rank] = trained[f"lora/{path}/a"]
-                b[i, : cfg.rank, :] = np.asarray(trained[f"lora/{path}/b"]) * cfg.scale
+                r = trained[f"lora/{path}/a"].shape[1]  # per matrix: adaptive-rank adapters vary
+                a[i, :, :r] = trained[f"lora/{path}/a"]
+                b[i, :r, :] = np.asarray(trained[f"lora/{path}/b"]) * cfg.scale
         bank_lora[path] = {"a": a, "b": b}
     heads = sorted({key[len("params/"):] for trained, _ in adapters for key in trained if key.startswith("params/")})
     bank_head = {}

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from . import data as data_lib
-from . import lora, metrics, parallel, profiling, weights
+from . import adaptive, lora, metrics, parallel, profiling, weights
 from .config import TrainConfig
 from .model import ModelConfig, forward
 
@@ -49,6 +49,7 @@ class TrainState:
     trainable: dict[str, jax.Array]
     opt_state: Any
     rng: jax.Array
+    aux: Any  # adaptive-rank allocator state ({} for LoRA and full fine-tuning)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -104,12 +105,18 @@ def model_params(trainable: dict, frozen: dict, lcfg: lora.LoraConfig, *, mode: 
     adapters = tree.get("lora")
     if not adapters:
         return tree["params"]
+    if adaptive.is_svd(adapters):
+        adapters = adaptive.as_lora(adapters)
     return lora.apply(tree["params"], adapters, lcfg, mode=mode, rng=rng)
 
 
 def make_train_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, optimizer, *, mode: str, regression: bool,
-                    mesh=None) -> Callable:
+                    mesh=None, ada: adaptive.AdaLoraConfig | None = None) -> Callable:
     """``step(state, frozen, batch) -> (state, {"loss", "grad_norm"})``, jitted with ``state`` donated.
+
+    With ``ada`` (AdaLoRA) the loss adds the orthogonality regulariser, the
+    allocator runs after the update (importance, budget, λ masks) and the
+    metrics add "budget" and "rank" (total rank in use). "loss" is the task loss.
 
     With a ``mesh`` (see ``parallel``), the inputs arrive already placed (batch
     sharded, state replicated) and the outputs are pinned replicated, so the
@@ -121,16 +128,25 @@ def make_train_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, optimizer, *, mode
         k_lora, k_drop = jax.random.split(rng)
         params = model_params(trainable, frozen, lcfg, mode=mode, rng=k_lora)
         logits = forward(mcfg, params, batch, train=True, rng=k_drop)["logits"]
-        return task_loss(logits, batch["labels"], regression)
+        loss = task_loss(logits, batch["labels"], regression)
+        if ada is None or ada.orth_reg == 0:
+            return loss, loss
+        reg = adaptive.orthogonality(lora.combine(trainable)["lora"])
+        return loss + ada.orth_reg * reg, loss
 
     def step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
         # Gradients with respect to `trainable` only: no zero gradients are formed for the base.
-        loss, grads = jax.value_and_grad(loss_fn)(state.trainable, frozen, batch, rng)
+        (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, frozen, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
-        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        out = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        aux = state.aux
+        if ada is not None:
+            aux, trainable, extra = adaptive.allocate(ada, aux, trainable, grads, state.step + 1)
+            out.update(extra)
+        new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, aux=aux)
+        return new, out
 
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
@@ -210,14 +226,16 @@ class Setup:
     model_dir: Path
 
 
-def split_for_training(params: dict, lcfg: lora.LoraConfig, key: jax.Array):
+def split_for_training(params: dict, lcfg: lora.LoraConfig, key: jax.Array, *, svd: bool = False):
     """Add fresh adapters, label, and split: (trainable, frozen, label of each trainable path, counts).
 
-    Trained leaves are float32 masters whatever the base dtype.
+    Trained leaves are float32 masters whatever the base dtype. ``svd``: AdaLoRA's
+    P·diag(λ)·Q adapters of rank ``lcfg.rank`` instead of LoRA's A·B.
     """
     tree = {"params": params}
     if lcfg.targets:
-        tree["lora"] = lora.init(params, lcfg, key)
+        tree["lora"] = (adaptive.init(params, lcfg.targets, lcfg.rank, key) if svd
+                        else lora.init(params, lcfg, key))
     label_tree = lora.labels(tree, lcfg)
     trainable, frozen = lora.partition(tree, label_tree)
     # Copies: the train state is donated, and must not take the caller's arrays with it.
@@ -243,7 +261,7 @@ def setup(cfg: TrainConfig) -> Setup:
     params, report = weights.load_params(model_dir, mcfg, key=k_head, param_dtype=cfg.param_dtype)
     log.info(report.summary())
     lcfg = cfg.lora_config()
-    trainable, frozen, label_of, counts = split_for_training(params, lcfg, k_lora)
+    trainable, frozen, label_of, counts = split_for_training(params, lcfg, k_lora, svd=cfg.method == "adalora")
 
     tokenizer = data_lib.load_tokenizer(str(model_dir))
     train = data_lib.encode(tokenizer, train_ex, cfg.max_seq_len)
@@ -254,15 +272,16 @@ def setup(cfg: TrainConfig) -> Setup:
 
 
 def init_state(s: Setup, optimizer) -> TrainState:
-    return new_state(s.trainable, optimizer, s.cfg.seed)
+    return new_state(s.trainable, optimizer, s.cfg.seed, adalora=s.cfg.method == "adalora")
 
 
-def new_state(trainable: dict, optimizer, seed: int) -> TrainState:
+def new_state(trainable: dict, optimizer, seed: int, *, adalora: bool = False) -> TrainState:
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         trainable=trainable,
         opt_state=optimizer.init(trainable),
         rng=jax.random.key_data(jax.random.key(seed + 1)),
+        aux=adaptive.init_state(trainable) if adalora else {},
     )
 
 
@@ -311,7 +330,7 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 _RUN_FILES = ("report.json", "metrics.jsonl", "config.json")
-_RUN_DIRS = ("checkpoints", "adapter", "peft_adapter")
+_RUN_DIRS = ("checkpoints", "adapter", "peft_adapter", "adaptive")
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
@@ -357,6 +376,56 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+def _adaptive_outputs(out: Path, ada: adaptive.AdaLoraConfig, ranks: dict[str, int]) -> dict:
+    """``adaptive/ranks.json``, the rank heatmap and the budget curve; returns the report's summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = out / "adaptive"
+    d.mkdir(exist_ok=True)
+    summary = {
+        "init_rank": ada.init_rank, "target_rank": ada.target_rank, "matrices": len(ranks),
+        "final_total_rank": sum(ranks.values()), "final_mean_rank": sum(ranks.values()) / max(len(ranks), 1),
+        "pruned_to_zero": sum(r == 0 for r in ranks.values()),
+        "schedule": {"total_steps": ada.total_steps, "warmup_steps": ada.warmup_steps,
+                     "final_steps": ada.final_steps, "interval": ada.interval},
+        "beta1": ada.beta1, "beta2": ada.beta2, "orth_reg": ada.orth_reg,
+    }
+    _write_json_atomic(d / "ranks.json", {**summary, "ranks": ranks})
+    layers, names, grid = adaptive.rank_table(ranks)
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 0.45 * len(layers) + 1.5))
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=ada.init_rank, aspect="auto")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("matrix")
+    ax.set_ylabel("layer")
+    for (i, j), r in np.ndenumerate(grid):
+        if not np.isnan(r):
+            ax.text(j, i, int(r), ha="center", va="center", color="w" if r < ada.init_rank / 2 else "k")
+    fig.colorbar(im, ax=ax, label="final rank")
+    ax.set_title(f"AdaLoRA final ranks (start {ada.init_rank}, target mean {ada.target_rank:g})")
+    fig.tight_layout()
+    fig.savefig(d / "ranks.png.tmp.png", dpi=120)
+    os.replace(d / "ranks.png.tmp.png", d / "ranks.png")
+    plt.close(fig)
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    recs = [r for r in recs if "budget" in r]
+    if recs:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in recs], [r["budget"] for r in recs], label="budget")
+        ax.plot([r["step"] for r in recs], [r["rank"] for r in recs], label="total rank in use", ls="--")
+        ax.set_xlabel("step")
+        ax.set_ylabel("total rank")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(d / "budget.png.tmp.png", dpi=120)
+        os.replace(d / "budget.png.tmp.png", d / "budget.png")
+        plt.close(fig)
+    return {**summary, "files": ["adaptive/ranks.json", "adaptive/ranks.png", "adaptive/budget.png"]}
+
+
 def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
         progress: bool = True, command: str | None = None, mesh=None) -> tuple[dict, TrainState]:
     """Train, evaluate, checkpoint, and write to ``cfg.output_dir``: ``report.json``, ``report.md``,
@@ -398,11 +467,12 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     spe = steps_per_epoch(s)
     if spe == 0:
         raise data_lib.DataError(f"{len(s.train)} training examples are fewer than one batch of {cfg.batch_size}")
+    ada = cfg.adalora_config(n_steps) if cfg.method == "adalora" else None
     optimizer = make_optimizer(s.label_of, cfg, n_steps)
     state = parallel.place(init_state(s, optimizer), parallel.replicated(mesh))
     frozen = parallel.place(s.frozen, parallel.frozen_shardings(s.frozen, mesh))
     train_step = PerShape(make_train_step(s.mcfg, s.lcfg, optimizer, mode=cfg.forward_mode(),
-                                          regression=s.task.is_regression, mesh=mesh))
+                                          regression=s.task.is_regression, mesh=mesh, ada=ada))
     eval_step = make_eval_step(s.mcfg, s.lcfg, mesh)
     eval_every = cfg.eval_every or spe
     save_every = cfg.save_every or spe
@@ -469,6 +539,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
                 if step % cfg.log_every == 0 or step == n_steps:
                     rec = {"step": step, "epoch": epoch, "loss": loss,
                            "grad_norm": float(parallel.to_host(m["grad_norm"])),
+                           **{k: int(parallel.to_host(m[k])) for k in ("budget", "rank") if k in m},
                            "seq_len": shape[1]}
                     metrics_file.write(json.dumps(rec) + "\n")
                     metrics_file.flush()
@@ -497,15 +568,25 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
         mngr.close()
 
     trained = {k: parallel.to_host(v) for k, v in state.trainable.items()}
+    export_lcfg, ada_report = s.lcfg, None
+    if ada is not None:
+        # The adapter is saved at its final ranks, as plain LoRA factors (mergeable, peft-exportable).
+        aux = jax.tree.map(parallel.to_host, state.aux)
+        trained, ranks = adaptive.truncate(trained, aux, s.lcfg.scale)
+        export_lcfg = adaptive.truncated_config(s.lcfg, ranks)
+        if main:
+            ada_report = _adaptive_outputs(out, ada, adaptive.final_ranks(aux))
     adapter_bytes = peft_bytes = None
     if main:
-        adapter_bytes = adapter_lib.export(out / "adapter", trained, mcfg=s.mcfg, lcfg=s.lcfg, base_model=cfg.model,
+        adapter_bytes = adapter_lib.export(out / "adapter", trained, mcfg=s.mcfg, lcfg=export_lcfg,
+                                           base_model=cfg.model,
                                            task=cfg.task, label_names=s.task.label_names,
                                            max_seq_len=cfg.max_seq_len)
-    if main and s.lcfg.targets:
-        peft_bytes = adapter_lib.export_peft(out / "peft_adapter", trained, mcfg=s.mcfg, lcfg=s.lcfg,
+    if main and export_lcfg.targets:
+        peft_bytes = adapter_lib.export_peft(out / "peft_adapter", trained, mcfg=s.mcfg, lcfg=export_lcfg,
                                              base_model=cfg.model)
     wall = time.perf_counter() - t_start
+    lora_saved = sum(int(np.size(v)) for k, v in trained.items() if k.startswith("lora/"))
     final = history[-1]["eval"] if history else {}
     compiled = train_step.largest()
     report = {
@@ -518,8 +599,10 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
             for split in final
         },
         "primary_metric": f"{primary_split}/{s.task.primary}",
-        "trainable_params": s.counts["lora"] + s.counts["trainable"],
-        "lora_params": s.counts["lora"],
+        # What the saved adapter holds (for AdaLoRA: at the final ranks); and what was trained.
+        "trainable_params": lora_saved + s.counts["trainable"],
+        "lora_params": lora_saved,
+        "lora_params_during_training": s.counts["lora"],
         "head_params": s.counts["trainable"],
         "total_params": s.counts["total"],
         "adapter_bytes": adapter_bytes,
@@ -532,6 +615,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
         "train_examples": len(s.train),
         "eval_examples": {k: len(v) for k, v in s.dev.items()},
         "parallel": parallel.describe(mesh),
+        "adaptive": ada_report,
         "train_examples_per_sec": timed_examples / sum(step_times) if step_times else None,
         "train_tokens_per_sec": timed_tokens / sum(step_times) if step_times else None,
         "step_time_median_s": profiling.median(step_times),

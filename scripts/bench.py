@@ -51,11 +51,18 @@ VARIANTS = {
 }
 
 
+# lora-jax adapter methods: (rank, target preset). "adalora" is the initial shape; its allocator
+# (importance EMAs, budget, masks) and orthogonality regulariser run in every step.
+JAX_LORA = {"lora": (8, "qv"), "lora-all-r8": (8, "all"), "lora-all-r12": (12, "all"), "adalora": (12, "all")}
+
 LEGEND = """Variants (lora-jax): `fp32` float32 everything, factored LoRA forward x@W + s(x@A)@B; `merged` the same with
 W + sAB formed in the step; `bf16-base` the frozen base stored in bfloat16 (LoRA, head and optimizer state
 float32, compute float32); `+remat` / `remat` per-layer activation rematerialisation (`jax.checkpoint`,
 save nothing); `bf16` bfloat16 base and bfloat16 compute. PyTorch `bf16` is `torch.autocast(bfloat16)` on
 float32 weights. All cells: AdamW, batch and sequence as above, random weights and tokens.
+Methods (lora-jax): `lora` r = 8 on query and value; `lora-all-r8` / `lora-all-r12` r = 8 / 12 on every
+encoder linear layer; `adalora` AdaLoRA starting at r = 12 on every linear layer, its allocator and
+orthogonality regulariser in every step. PyTorch `lora` is peft r = 8 on query and value.
 """
 
 
@@ -78,13 +85,24 @@ def run_jax(cell: dict) -> dict:
     mcfg = weights.read_config(Path(cell["config"]), num_labels=2, dtype=compute, remat=remat)
     params = init_params(mcfg, jax.random.key(0))
     params = jax.tree.map(lambda x: x.astype(param_dtype), params)
-    lcfg = lora.full_finetuning() if cell["method"] == "full" else lora.LoraConfig(rank=8, alpha=16)
-    trainable, frozen, label_of, counts = split_for_training(params, lcfg, jax.random.key(1))
+    method = cell["method"]
+    if method == "full":
+        lcfg = lora.full_finetuning()
+    elif method in JAX_LORA:
+        rank, targets = JAX_LORA[method]
+        lcfg = lora.LoraConfig(rank=rank, alpha=16, targets=lora.TARGET_PRESETS[targets])
+    else:
+        raise SystemExit(f"unknown method {method!r}")
+    svd = method == "adalora"
+    trainable, frozen, label_of, counts = split_for_training(params, lcfg, jax.random.key(1), svd=svd)
     del params
     tcfg = TrainConfig(lr=1e-4, warmup_ratio=0.0)
     optimizer = make_optimizer(label_of, tcfg, 1000)
-    state = new_state(trainable, optimizer, 0)
-    step = make_train_step(mcfg, lcfg, optimizer, mode=mode, regression=False)
+    state = new_state(trainable, optimizer, 0, adalora=svd)
+    # AdaLoRA: a schedule whose pruning phase covers the timed steps (the allocator runs every step anyway).
+    ada = TrainConfig(method="adalora", adalora_init_rank=12, adalora_target_rank=8,
+                      adalora_warmup_steps=0, adalora_final_steps=0).adalora_config(1000) if svd else None
+    step = make_train_step(mcfg, lcfg, optimizer, mode=mode, regression=False, ada=ada)
     rng = np.random.default_rng(0)
     b, t = cell["batch"], cell["seq"]
     batch = {
@@ -249,6 +267,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         ("full fp32: lora-jax / PyTorch", find(rows, "jax", "full", "fp32"), find(rows, "torch", "full", "fp32")),
         ("lora-jax LoRA: merged / factored forward", find(rows, "jax", "lora", "merged"),
          find(rows, "jax", "lora", "fp32")),
+        ("AdaLoRA (r 12, all) / LoRA r=12 all (merged)", find(rows, "jax", "adalora", "merged"),
+         find(rows, "jax", "lora-all-r12", "merged")),
+        ("AdaLoRA (r 12, all) / LoRA r=8 all (merged)", find(rows, "jax", "adalora", "merged"),
+         find(rows, "jax", "lora-all-r8", "merged")),
     ]
     for name, a, b in pairs:
         lines.append(f"| {name} | {fmt(ratio(a, b, 'step_time_median_s'))} | "

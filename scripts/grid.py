@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Run a grid of fine-tuning runs (task x method x seed), resumably, and summarise it.
+
+Each cell is one `scripts/train.py` run in its own directory under --runs. A cell
+whose report.json exists is done and skipped; a cell killed half-way (config.json
+and checkpoints but no report) is continued with --resume, so rerunning the same
+command picks the grid up where it stopped. The summary (JSON + markdown + PNG)
+goes to results/<name>/: per task and method, the dev metric's median and min-max
+over seeds, trained parameters, adapter size, step time and examples/s.
+
+    python scripts/grid.py --name adaptive --tasks mrpc,sst2 --methods lora-qv-r8,adalora-t8 --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+# Method name -> train.py flags. LoRA scale alpha / r = 1 throughout (the LoRA paper's RoBERTa
+# setting, alpha = r = 8), AdaLoRA's alpha / initial rank = 1 likewise.
+METHODS = {
+    "full": ["--method", "full"],
+    "lora-qv-r2": ["--targets", "qv", "--lora-rank", "2", "--lora-alpha", "2"],
+    "lora-qv-r8": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8"],
+    "lora-qv-r16": ["--targets", "qv", "--lora-rank", "16", "--lora-alpha", "16"],
+    "lora-all-r2": ["--targets", "all", "--lora-rank", "2", "--lora-alpha", "2"],
+    "lora-all-r8": ["--targets", "all", "--lora-rank", "8", "--lora-alpha", "8"],
+    # AdaLoRA on every linear layer, starting at 1.5x the target mean rank (AdaLoRA's 12 -> 8 ratio).
+    "adalora-t2": ["--method", "adalora", "--targets", "all", "--adalora-init-rank", "3",
+                   "--adalora-target-rank", "2", "--lora-alpha", "3"],
+    "adalora-t8": ["--method", "adalora", "--targets", "all", "--adalora-init-rank", "12",
+                   "--adalora-target-rank", "8", "--lora-alpha", "12"],
+}
+
+
+def cell_dir(runs: Path, task: str, method: str, seed: int) -> Path:
+    return runs / task / method / f"seed{seed}"
+
+
+def run_cell(args, task: str, method: str, seed: int) -> dict | None:
+    out = cell_dir(Path(args.runs), task, method, seed)
+    if (out / "report.json").is_file():
+        return json.loads((out / "report.json").read_text())
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--task", task, "--model", args.model,
+           "--data-dir", args.data_dir, "--seed", str(seed), "--output-dir", str(out), "--no-progress",
+           "--batch-size", str(args.batch_size), "--lr", str(args.lr_full if method == "full" else args.lr),
+           *METHODS[method], *args.extra]
+    if args.max_steps:
+        cmd += ["--max-steps", str(args.max_steps), "--eval-every", str(args.max_steps),
+                "--save-every", str(max(1, args.max_steps // 4))]
+    else:
+        cmd += ["--epochs", str(args.epochs)]
+    cmd += ["--resume"] if (out / "config.json").is_file() else ["--overwrite"]
+    t0 = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        print(f"  failed ({done.returncode}): {last[0]}", file=sys.stderr)
+        return None
+    print(f"  done in {time.time() - t0:.0f} s", file=sys.stderr)
+    return json.loads((out / "report.json").read_text())
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)} if xs else {}
+
+
+def summarise(rows: list[dict], args) -> dict:
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["task"], r["method_name"]), []).append(r)
+    summary = []
+    for (task, method), rs in cells.items():
+        split, metric = rs[0]["primary_metric"].split("/")
+        summary.append({
+            "task": task, "method": method, "seeds": [r["seed"] for r in rs],
+            "metric": rs[0]["primary_metric"],
+            "dev": _stats([r["metrics"][split]["final"]["values"][metric] for r in rs]),
+            "all_metrics": {s: {k: _stats([r["metrics"][s]["final"]["values"][k] for r in rs])
+                                for k in rs[0]["metrics"][s]["final"]["values"]} for s in rs[0]["metrics"]},
+            "trainable_params": rs[0]["trainable_params"],
+            "lora_params_during_training": rs[0].get("lora_params_during_training"),
+            "adapter_bytes": _stats([r["adapter_bytes"] for r in rs]),
+            "step_time_s": _stats([r["step_time_median_s"] for r in rs if r["step_time_median_s"]]),
+            "examples_per_s": _stats([r["train_examples_per_sec"] for r in rs if r["train_examples_per_sec"]]),
+            "peak_rss_bytes": _stats([r["memory"]["peak_rss_bytes"] for r in rs]),
+            "wall_time_s": _stats([r["wall_time_s"] for r in rs]),
+            "final_ranks": [r["adaptive"]["final_total_rank"] for r in rs if r.get("adaptive")] or None,
+        })
+    return {"cells": summary}
+
+
+def markdown(record: dict) -> str:
+    fmt = lambda s, f=".4f": "n/a" if not s else f"{s['median']:{f}} [{s['min']:{f}}-{s['max']:{f}}]"
+    lines = [
+        f"# Grid `{record['name']}` ({record['date']})",
+        "",
+        f"Command: `{record['command']}`  ",
+        f"Runs: `{record['runs']}`; model `{record['model']}`; device {record['device']}; "
+        "versions " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + ".",
+        "",
+        "Dev metric at the end of training: median [min-max] over seeds. Step time: median over each run's "
+        "timed steps (after the first step of each sequence length), then median over seeds. Methods: "
+        + "; ".join(f"`{m}` = `{' '.join(METHODS[m])}`" for m in record["methods"]) + ".",
+        "",
+        "| task | method | seeds | dev metric | trained params (saved) | adapter KiB | step (s) | examples/s |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for c in record["cells"]:
+        lines.append(
+            f"| {c['task']} | {c['method']} | {len(c['seeds'])} | {c['metric']} {fmt(c['dev'])} | "
+            f"{c['trainable_params']:,} | {c['adapter_bytes']['median'] / 1024:,.0f} | "
+            f"{fmt(c['step_time_s'], '.3f')} | {c['examples_per_s']['median']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({c["task"] for c in record["cells"]})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for i, c in enumerate(c for c in record["cells"] if c["task"] == task):
+            d = c["dev"]
+            ax.errorbar([c["trainable_params"]], [d["median"]], yerr=[[d["median"] - d["min"]], [d["max"] - d["median"]]],
+                        fmt="o", capsize=3, label=c["method"], color=f"C{i}")
+        ax.set_xscale("log")
+        ax.set_xlabel("trained parameters (saved adapter + head)")
+        ax.set_ylabel(next(c["metric"] for c in record["cells"] if c["task"] == task))
+        ax.set_title(task)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="results/NAME/ gets the summary")
+    p.add_argument("--tasks", default="rte,mrpc,sst2")
+    p.add_argument("--methods", default="lora-qv-r8,lora-all-r2,lora-all-r8,adalora-t2,adalora-t8",
+                   help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--max-steps", type=int, help="steps per run (default: --epochs)")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4, help="adapter methods")
+    p.add_argument("--lr-full", type=float, default=5e-5, help="full fine-tuning")
+    p.add_argument("--model", default=str(SHARED / "models" / "all-MiniLM-L6-v2"))
+    p.add_argument("--data-dir", default=str(SHARED / "data" / "glue"))
+    p.add_argument("--runs", help="run directories (default runs/grid-NAME)")
+    p.add_argument("--results", help="summary directory (default results/NAME)")
+    p.add_argument("extra", nargs="*", help="more train.py flags, after --")
+    args = p.parse_args()
+    args.runs = args.runs or str(ROOT / "runs" / f"grid-{args.name}")
+    results = Path(args.results or ROOT / "results" / args.name)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"error: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        print(f"error: --seeds must be comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+        return 2
+    tasks = [t for t in args.tasks.split(",") if t]
+    rows, failed = [], 0
+    cells = [(t, m, s) for t in tasks for m in methods for s in seeds]
+    for i, (task, method, seed) in enumerate(cells, 1):
+        print(f"[{i}/{len(cells)}] {task} {method} seed {seed}", file=sys.stderr, flush=True)
+        r = run_cell(args, task, method, seed)
+        if r is None:
+            failed += 1
+            continue
+        rows.append({**r, "method_name": method, "seed": seed})
+    if not rows:
+        print("error: no run finished", file=sys.stderr)
+        return 1
+    from lora_jax import profiling
+
+    record = {
+        "name": args.name,
+        "command": " ".join(["python", "scripts/grid.py", *sys.argv[1:]]),
+        "date": profiling.now(),
+        "runs": os.path.relpath(args.runs, ROOT),
+        "model": os.path.relpath(args.model, ROOT),
+        "methods": methods,
+        "device": rows[0]["device"],
+        "versions": {k: rows[0]["versions"].get(k) for k in ("jax", "flax", "optax")},
+        **summarise(rows, args),
+    }
+    results.mkdir(parents=True, exist_ok=True)
+    tmp = results / "summary.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, results / "summary.json")
+    (results / "summary.md.tmp").write_text(markdown(record))
+    os.replace(results / "summary.md.tmp", results / "summary.md")
+    plot(record, results / "metric_vs_params.png")
+    # AdaLoRA runs: the final ranks (JSON + heatmap + budget curve) of each run, kept with the summary.
+    import shutil
+
+    for r in rows:
+        src = cell_dir(Path(args.runs), r["task"], r["method_name"], r["seed"]) / "adaptive"
+        if src.is_dir():
+            for f in src.iterdir():
+                dst = results / "ranks" / f"{r['task']}-{r['method_name']}-seed{r['seed']}-{f.name}"
+                dst.parent.mkdir(exist_ok=True)
+                shutil.copyfile(f, dst)
+    print(markdown(record))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
