@@ -107,8 +107,15 @@ def is_svd(adapters: dict) -> bool:
     return bool(adapters) and "lam" in next(iter(adapters.values()))
 
 
-def init(params: dict, targets: tuple[str, ...], rank: int, key: jax.Array) -> dict:
-    """``{path: {"p": (d_in, r), "lam": (r,) zeros, "q": (r, d_out)}}`` for every target kernel."""
+def init(params: dict, targets: tuple[str, ...], rank: int, key: jax.Array, how: str = "gaussian") -> dict:
+    """``{path: {"p": (d_in, r), "lam": (r,) zeros, "q": (r, d_out)}}`` for every target kernel.
+
+    ``how``: "gaussian" draws P and Q from N(0, 0.02²) (the paper's and peft's choice);
+    "orthogonal" gives P orthonormal columns and Q orthonormal rows, the point the
+    orthogonality regulariser pulls towards, so λ alone sets each triplet's size.
+    """
+    if how not in ("gaussian", "orthogonal"):
+        raise AdaptiveError(f"--adalora-init must be gaussian or orthogonal, got {how!r}")
     flat = lora.flatten(params)
     paths = lora.target_paths(params, lora.LoraConfig(rank=rank, targets=targets))
     out = {}
@@ -117,9 +124,13 @@ def init(params: dict, targets: tuple[str, ...], rank: int, key: jax.Array) -> d
         if rank > min(d_in, d_out):
             raise AdaptiveError(f"initial rank {rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} of {path}")
         kp, kq = jax.random.split(jax.random.fold_in(key, i))
-        out[path] = {"p": 0.02 * jax.random.normal(kp, (d_in, rank), jnp.float32),
-                     "lam": jnp.zeros((rank,), jnp.float32),
-                     "q": 0.02 * jax.random.normal(kq, (rank, d_out), jnp.float32)}
+        p = jax.random.normal(kp, (d_in, rank), jnp.float32)
+        q = jax.random.normal(kq, (d_out, rank), jnp.float32)
+        if how == "orthogonal":
+            p, q = jnp.linalg.qr(p)[0], jnp.linalg.qr(q)[0]
+        else:
+            p, q = 0.02 * p, 0.02 * q
+        out[path] = {"p": p, "lam": jnp.zeros((rank,), jnp.float32), "q": q.T}
     return out
 
 

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     ada.add_argument("--adalora-beta1", type=float, help=f"importance EMA (default {d.adalora_beta1})")
     ada.add_argument("--adalora-beta2", type=float, help=f"uncertainty EMA (default {d.adalora_beta2})")
     ada.add_argument("--adalora-orth-reg", type=float, help=f"orthogonality weight (default {d.adalora_orth_reg})")
+    ada.add_argument("--adalora-init", choices=("gaussian", "orthogonal"),
+                     help="P and Q: N(0, 0.02^2) as in the paper (default) or orthonormal")
+    a("--init-adapter", help="start the LoRA factors from this lora-jax adapter directory (same base, "
+                             "targets and rank; the head starts fresh): the paper's MNLI warm start")
     a("--epochs", type=float, help=f"default {d.epochs}")
     a("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
     a("--batch-size", type=int, help=f"default {d.batch_size}")

@@ -45,6 +45,10 @@ class TrainConfig:
     adalora_beta1: float = 0.85
     adalora_beta2: float = 0.85
     adalora_orth_reg: float = 0.1
+    adalora_init: str = "gaussian"  # P, Q: "gaussian" N(0, 0.02^2) as in the paper, or "orthogonal"
+    # Start the LoRA factors from another run's adapter (e.g. the LoRA paper's MNLI warm start for
+    # MRPC, RTE and STS-B); the head starts fresh.
+    init_adapter: str | None = None
     # optimisation
     epochs: float = 3.0
     max_steps: int | None = None
@@ -104,6 +108,10 @@ class TrainConfig:
             if v is not None and v <= 0:
                 raise ConfigValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
         self.lora_config()  # raises LoraError on bad rank / alpha / dropout / patterns
+        if self.init_adapter is not None and self.method != "lora":
+            raise ConfigValueError("--init-adapter needs --method lora")
+        if self.adalora_init not in ("gaussian", "orthogonal"):
+            raise ConfigValueError(f"--adalora-init must be gaussian or orthogonal, got {self.adalora_init!r}")
         if self.method == "adalora":
             # Everything but the run length is checkable now; adalora_config checks the schedule.
             self.adalora_config(total_steps=10**9)

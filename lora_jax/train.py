@@ -226,7 +226,8 @@ class Setup:
     model_dir: Path
 
 
-def split_for_training(params: dict, lcfg: lora.LoraConfig, key: jax.Array, *, svd: bool = False):
+def split_for_training(params: dict, lcfg: lora.LoraConfig, key: jax.Array, *, svd: bool = False,
+                       svd_init: str = "gaussian"):
     """Add fresh adapters, label, and split: (trainable, frozen, label of each trainable path, counts).
 
     Trained leaves are float32 masters whatever the base dtype. ``svd``: AdaLoRA's
@@ -234,7 +235,7 @@ def split_for_training(params: dict, lcfg: lora.LoraConfig, key: jax.Array, *, s
     """
     tree = {"params": params}
     if lcfg.targets:
-        tree["lora"] = (adaptive.init(params, lcfg.targets, lcfg.rank, key) if svd
+        tree["lora"] = (adaptive.init(params, lcfg.targets, lcfg.rank, key, svd_init) if svd
                         else lora.init(params, lcfg, key))
     label_tree = lora.labels(tree, lcfg)
     trainable, frozen = lora.partition(tree, label_tree)
@@ -242,6 +243,37 @@ def split_for_training(params: dict, lcfg: lora.LoraConfig, key: jax.Array, *, s
     trainable = {p: jnp.array(v, jnp.float32, copy=True) for p, v in trainable.items()}
     flat_labels = lora.flatten(label_tree)
     return trainable, frozen, {p: flat_labels[p] for p in trainable}, lora.count(tree, label_tree)
+
+
+def warm_start(trainable: dict, adapter_dir: str, mcfg: ModelConfig, lcfg: lora.LoraConfig) -> dict:
+    """``trainable`` with its LoRA factors replaced by those of a saved adapter (the head is kept fresh).
+
+    Raises AdapterError if the adapter was trained on another architecture or
+    its factors do not match this run's targets and rank.
+    """
+    from . import adapter as adapter_lib
+
+    meta, leaves = adapter_lib.load(Path(adapter_dir))
+    if meta.get("architecture_hash") != mcfg.architecture_hash():
+        raise adapter_lib.AdapterError(f"--init-adapter {adapter_dir} was trained on another architecture "
+                                       f"({meta.get('base_model')})")
+    if not math.isclose(adapter_lib.lora_config(meta).scale, lcfg.scale):
+        raise adapter_lib.AdapterError(f"--init-adapter {adapter_dir} has LoRA scale "
+                                       f"{adapter_lib.lora_config(meta).scale:g}, this run {lcfg.scale:g}: "
+                                       "use the same --lora-rank and --lora-alpha")
+    mine = {k for k in trainable if k.startswith("lora/")}
+    theirs = {k for k in leaves if k.startswith("lora/")}
+    if mine != theirs:
+        raise adapter_lib.AdapterError(f"--init-adapter {adapter_dir} adapts other matrices than --targets here "
+                                       f"({len(theirs) // 2} vs {len(mine) // 2})")
+    out = dict(trainable)
+    for k in mine:
+        if tuple(leaves[k].shape) != tuple(trainable[k].shape):
+            raise adapter_lib.AdapterError(f"--init-adapter {adapter_dir}: {k} has shape {tuple(leaves[k].shape)}, "
+                                           f"this run's is {tuple(trainable[k].shape)} (another rank?)")
+        out[k] = jnp.array(leaves[k], jnp.float32)
+    log.info("LoRA factors initialised from %s (%s)", adapter_dir, meta.get("task"))
+    return out
 
 
 def setup(cfg: TrainConfig) -> Setup:
@@ -261,7 +293,10 @@ def setup(cfg: TrainConfig) -> Setup:
     params, report = weights.load_params(model_dir, mcfg, key=k_head, param_dtype=cfg.param_dtype)
     log.info(report.summary())
     lcfg = cfg.lora_config()
-    trainable, frozen, label_of, counts = split_for_training(params, lcfg, k_lora, svd=cfg.method == "adalora")
+    trainable, frozen, label_of, counts = split_for_training(params, lcfg, k_lora, svd=cfg.method == "adalora",
+                                                             svd_init=cfg.adalora_init)
+    if cfg.init_adapter:
+        trainable = warm_start(trainable, cfg.init_adapter, mcfg, lcfg)
 
     tokenizer = data_lib.load_tokenizer(str(model_dir))
     train = data_lib.encode(tokenizer, train_ex, cfg.max_seq_len)
@@ -359,7 +394,8 @@ def _check_resumable(out: Path, cfg: TrainConfig) -> None:
     saved_file = out / "config.json"
     if not saved_file.is_file():
         raise RunError(f"--resume: {out} holds no run to resume (no config.json)")
-    saved = json.loads(saved_file.read_text())
+    # A field the run's config lacks (written by an older lora-jax) had its default value then.
+    saved = {**TrainConfig().to_dict(), **json.loads(saved_file.read_text())}
     now = cfg.to_dict()
     diffs = [f"{k} (run: {saved.get(k)!r}, now: {v!r})" for k, v in now.items() if saved.get(k) != v]
     if diffs:

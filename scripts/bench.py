@@ -330,10 +330,12 @@ def main() -> int:
     if args.cells:
         try:
             grid = [tuple(c.split(":")) for c in args.cells.split(",")]
-            assert all(len(c) == 3 and c[0] in ("jax", "torch") and c[1] in ("lora", "full") and c[2] in VARIANTS
-                       for c in grid)
+            assert all(len(c) == 3 and c[2] in VARIANTS and (
+                (c[0] == "jax" and c[1] in ("full", *JAX_LORA)) or (c[0] == "torch" and c[1] in ("lora", "full")))
+                for c in grid)
         except AssertionError:
-            print(f"error: --cells takes framework:method:variant with variants {', '.join(VARIANTS)}",
+            print(f"error: --cells takes framework:method:variant with jax methods full, {', '.join(JAX_LORA)}, "
+                  f"torch methods lora, full, and variants {', '.join(VARIANTS)}",
                   file=sys.stderr)
             return 2
     rows = []

@@ -29,6 +29,8 @@ SHARED = ROOT.parent / "shared"
 # setting, alpha = r = 8), AdaLoRA's alpha / initial rank = 1 likewise.
 METHODS = {
     "full": ["--method", "full"],
+    # The LoRA paper's RoBERTa-base hyperparameters per task (Table 9): r = 8, alpha = 8 on q, v.
+    "lora-paper": ["--preset", "paper"],
     "lora-qv-r2": ["--targets", "qv", "--lora-rank", "2", "--lora-alpha", "2"],
     "lora-qv-r8": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8"],
     "lora-qv-r16": ["--targets", "qv", "--lora-rank", "16", "--lora-alpha", "16"],
@@ -42,24 +44,62 @@ METHODS = {
 }
 
 
-def cell_dir(runs: Path, task: str, method: str, seed: int) -> Path:
-    return runs / task / method / f"seed{seed}"
+# For context only, another model: the LoRA paper's RoBERTa-base (125M) GLUE dev results, Table 2
+# (Hu et al., 2021): (LoRA r = 8 on W_q, W_v; full fine-tuning). MNLI matched accuracy, SST-2, QNLI,
+# QQP, RTE accuracy; MRPC accuracy; CoLA Matthews correlation; STS-B Pearson correlation.
+PAPER_TABLE2 = {"mnli": (87.5, 87.6), "sst2": (95.1, 94.8), "mrpc": (89.7, 90.2), "cola": (63.4, 63.6),
+                "qnli": (93.3, 92.8), "qqp": (90.8, 91.9), "rte": (86.6, 78.7), "stsb": (91.5, 91.2)}
+
+# The LoRA paper started MRPC, RTE and STS-B from the MNLI-adapted model.
+WARM_STARTED = ("mrpc", "rte", "stsb")
 
 
-def run_cell(args, task: str, method: str, seed: int) -> dict | None:
-    out = cell_dir(Path(args.runs), task, method, seed)
+def cell_dir(runs: Path, task: str, method: str, seed: int, framework: str = "jax") -> Path:
+    base = runs if framework == "jax" else runs / framework
+    return base / task / method / f"seed{seed}"
+
+
+def torch_flags(method: str) -> list[str]:
+    """train_torch.py flags of a method (it has no AdaLoRA)."""
+    if method.startswith("adalora"):
+        raise SystemExit(f"error: the PyTorch reference has no {method}")
+    return METHODS[method]  # train_torch.py takes the same flags
+
+
+def run_cell(args, task: str, method: str, seed: int, framework: str = "jax") -> dict | None:
+    out = cell_dir(Path(args.runs), task, method, seed, framework)
     if (out / "report.json").is_file():
         return json.loads((out / "report.json").read_text())
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--task", task, "--model", args.model,
-           "--data-dir", args.data_dir, "--seed", str(seed), "--output-dir", str(out), "--no-progress",
-           "--batch-size", str(args.batch_size), "--lr", str(args.lr_full if method == "full" else args.lr),
-           *METHODS[method], *args.extra]
+    script = "train.py" if framework == "jax" else "train_torch.py"
+    cmd = [sys.executable, str(ROOT / "scripts" / script), "--task", task, "--model", args.model,
+           "--seed", str(seed), "--output-dir", str(out), "--no-progress",
+           *(METHODS[method] if framework == "jax" else torch_flags(method))]
+    if args.data_dir != "hub":
+        cmd += ["--data-dir", args.data_dir]
+    # Unset flags are left to train.py's defaults (or to a preset such as lora-paper's).
+    lr = args.lr_full if method == "full" else args.lr
+    cmd += (["--lr", str(lr)] if lr else []) + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
     if args.max_steps:
-        cmd += ["--max-steps", str(args.max_steps), "--eval-every", str(args.max_steps),
-                "--save-every", str(max(1, args.max_steps // 4))]
+        cmd += ["--max-steps", str(args.max_steps)]
+        if framework == "jax":
+            cmd += ["--eval-every", str(args.max_steps), "--save-every", str(max(1, args.max_steps // 4))]
     else:
-        cmd += ["--epochs", str(args.epochs)]
-    cmd += ["--resume"] if (out / "config.json").is_file() else ["--overwrite"]
+        cmd += ["--epochs", str(args.epochs)] if args.epochs else []
+        if framework == "jax":
+            cmd += ["--save-every", str(args.save_every)]
+    if args.warm_start_from and task in WARM_STARTED and framework == "jax" and not method.startswith("adalora"):
+        src = cell_dir(Path(args.runs), args.warm_start_from, method, seed) / "adapter"
+        if not src.is_dir():
+            print(f"  no {args.warm_start_from} adapter at {src} to warm-start from: run that task first",
+                  file=sys.stderr)
+            return None
+        cmd += ["--init-adapter", str(src)]
+    cmd += list(args.extra)
+    if framework == "jax":
+        # A run stopped half-way continues from its newest checkpoint (train.py --resume).
+        cmd += ["--resume"] if (out / "config.json").is_file() else ["--overwrite"]
+    else:
+        cmd += ["--overwrite"]  # the reference keeps no checkpoints: a stopped cell starts again
     t0 = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -120,6 +160,16 @@ def markdown(record: dict) -> str:
             f"| {c['task']} | {c['method']} | {len(c['seeds'])} | {c['metric']} {fmt(c['dev'])} | "
             f"{c['trainable_params']:,} | {c['adapter_bytes']['median'] / 1024:,.0f} | "
             f"{fmt(c['step_time_s'], '.3f')} | {c['examples_per_s']['median']:.1f} |")
+    tasks = [t for t in dict.fromkeys(c["task"] for c in record["cells"]) if t in PAPER_TABLE2]
+    if tasks and "roberta" not in record["model"].lower():
+        lines += ["", f"For context only (another model: RoBERTa-base, 125M parameters, not `{record['model']}`): "
+                  "the LoRA paper's Table 2, dev, in percent.", "",
+                  "| task | LoRA r = 8 (q, v) | full fine-tuning |", "|---|---:|---:|"]
+        lines += [f"| {t} | {PAPER_TABLE2[t][0]} | {PAPER_TABLE2[t][1]} |" for t in tasks]
+    elif tasks:
+        lines += ["", "The LoRA paper's Table 2 (RoBERTa-base, dev, percent), to compare with:", "",
+                  "| task | LoRA r = 8 (q, v) | full fine-tuning |", "|---|---:|---:|"]
+        lines += [f"| {t} | {PAPER_TABLE2[t][0]} | {PAPER_TABLE2[t][1]} |" for t in tasks]
     return "\n".join(lines) + "\n"
 
 
@@ -155,12 +205,16 @@ def main() -> int:
                    help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--max-steps", type=int, help="steps per run (default: --epochs)")
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-4, help="adapter methods")
+    p.add_argument("--epochs", type=float, help="epochs per run (default: train.py's or the preset's)")
+    p.add_argument("--batch-size", type=int, help="default: train.py's (16) or the preset's")
+    p.add_argument("--lr", type=float, help="adapter methods (default: train.py's 5e-4 or the preset's)")
     p.add_argument("--lr-full", type=float, default=5e-5, help="full fine-tuning")
-    p.add_argument("--model", default=str(SHARED / "models" / "all-MiniLM-L6-v2"))
-    p.add_argument("--data-dir", default=str(SHARED / "data" / "glue"))
+    p.add_argument("--model", default=str(SHARED / "models" / "all-MiniLM-L6-v2"), help="directory or Hub id")
+    p.add_argument("--data-dir", default=str(SHARED / "data" / "glue"), help="GLUE TSV directory, or hub")
+    p.add_argument("--warm-start-from", help="start mrpc, rte and stsb from this task's adapter (e.g. mnli; "
+                   "list it first in --tasks)")
+    p.add_argument("--frameworks", default="jax", help="jax, torch or jax,torch (the PyTorch reference)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint interval of epoch-long runs")
     p.add_argument("--runs", help="run directories (default runs/grid-NAME)")
     p.add_argument("--results", help="summary directory (default results/NAME)")
     p.add_argument("extra", nargs="*", help="more train.py flags, after --")
@@ -178,15 +232,21 @@ def main() -> int:
         print(f"error: --seeds must be comma-separated integers, got {args.seeds!r}", file=sys.stderr)
         return 2
     tasks = [t for t in args.tasks.split(",") if t]
+    frameworks = [f for f in args.frameworks.split(",") if f]
+    if set(frameworks) - {"jax", "torch"}:
+        print(f"error: --frameworks takes jax and/or torch, got {args.frameworks!r}", file=sys.stderr)
+        return 2
     rows, failed = [], 0
-    cells = [(t, m, s) for t in tasks for m in methods for s in seeds]
-    for i, (task, method, seed) in enumerate(cells, 1):
-        print(f"[{i}/{len(cells)}] {task} {method} seed {seed}", file=sys.stderr, flush=True)
-        r = run_cell(args, task, method, seed)
+    cells = [(t, m, s, f) for t in tasks for m in methods for s in seeds for f in frameworks
+             if not (f == "torch" and m.startswith("adalora"))]
+    for i, (task, method, seed, fw) in enumerate(cells, 1):
+        print(f"[{i}/{len(cells)}] {task} {method} seed {seed} ({fw})", file=sys.stderr, flush=True)
+        r = run_cell(args, task, method, seed, fw)
         if r is None:
             failed += 1
             continue
-        rows.append({**r, "method_name": method, "seed": seed})
+        rows.append({**r, "method_name": method if fw == "jax" else f"torch:{method}", "seed": seed,
+                     "framework": fw})
     if not rows:
         print("error: no run finished", file=sys.stderr)
         return 1
@@ -197,7 +257,7 @@ def main() -> int:
         "command": " ".join(["python", "scripts/grid.py", *sys.argv[1:]]),
         "date": profiling.now(),
         "runs": os.path.relpath(args.runs, ROOT),
-        "model": os.path.relpath(args.model, ROOT),
+        "model": os.path.relpath(args.model, ROOT) if Path(args.model).exists() else args.model,
         "methods": methods,
         "device": rows[0]["device"],
         "versions": {k: rows[0]["versions"].get(k) for k in ("jax", "flax", "optax")},
@@ -214,7 +274,7 @@ def main() -> int:
     import shutil
 
     for r in rows:
-        src = cell_dir(Path(args.runs), r["task"], r["method_name"], r["seed"]) / "adaptive"
+        src = cell_dir(Path(args.runs), r["task"], r["method_name"], r["seed"], r["framework"]) / "adaptive"
         if src.is_dir():
             for f in src.iterdir():
                 dst = results / "ranks" / f"{r['task']}-{r['method_name']}-seed{r['seed']}-{f.name}"

@@ -39,6 +39,16 @@ def test_delta_w_is_zero_at_init(tiny_bert_dir):
         assert np.array_equal(np.asarray(lora.flatten(merged)[path]), np.asarray(w)), path
 
 
+def test_orthogonal_init_starts_where_the_regulariser_points(tiny_bert_dir):
+    _, params, _ = weights.from_pretrained(str(tiny_bert_dir), num_labels=2)
+    orth = adaptive.init(params, QV, 4, jax.random.key(0), how="orthogonal")
+    gauss = adaptive.init(params, QV, 4, jax.random.key(0))
+    assert float(adaptive.orthogonality(orth)) < 1e-8 < float(adaptive.orthogonality(gauss))
+    assert all(float(jnp.abs(a["a"]).max()) == 0 for a in adaptive.as_lora(orth).values())  # ΔW = 0 still
+    with pytest.raises(AdaptiveError, match="--adalora-init must be gaussian or orthogonal"):
+        adaptive.init(params, QV, 4, jax.random.key(0), how="svd")
+
+
 def test_budget_schedule_is_cubic_from_initial_to_target():
     cfg = _cfg()
     n = 3  # b0 = 12, bT = 6; pruning spans steps 10..80

@@ -126,3 +126,25 @@ def test_nan_loss_stops_with_clear_error(tiny_bert_dir, glue_dir, tmp_path):
     with pytest.raises(TrainingDiverged, match="loss became"):
         fit(cfg, progress=False)
     assert (tmp_path / "run" / "config.json").exists()  # what was written stays
+
+
+def test_warm_start_from_another_tasks_adapter(tiny_bert_dir, glue_dir, tmp_path):
+    """The LoRA paper's MNLI -> MRPC/RTE/STS-B warm start: LoRA factors from a saved adapter, a fresh head."""
+    from safetensors.numpy import load_file
+
+    from lora_jax.adapter import AdapterError
+
+    fit(tiny_cfg(tiny_bert_dir, glue_dir, tmp_path, output_dir=str(tmp_path / "src")), progress=False)
+    saved = load_file(str(tmp_path / "src" / "adapter" / "adapter.safetensors"))
+    init = str(tmp_path / "src" / "adapter")
+    s = setup(tiny_cfg(tiny_bert_dir, glue_dir, tmp_path, task="stsb", init_adapter=init))
+    lora_keys = [k for k in saved if k.startswith("lora/")]
+    assert lora_keys and all(np.array_equal(np.asarray(s.trainable[k]), saved[k]) for k in lora_keys)
+    assert any(np.abs(saved[k]).max() > 0 for k in lora_keys if k.endswith("/b"))  # trained, not the init
+    assert s.trainable["params/classifier/kernel"].shape[-1] == 1  # stsb's own (regression) head
+    with pytest.raises(AdapterError, match="another rank"):
+        setup(tiny_cfg(tiny_bert_dir, glue_dir, tmp_path, lora_rank=2, lora_alpha=4, init_adapter=init))
+    with pytest.raises(AdapterError, match="adapts other matrices"):
+        setup(tiny_cfg(tiny_bert_dir, glue_dir, tmp_path, targets="qkvo", init_adapter=init))
+    with pytest.raises(AdapterError, match="LoRA scale"):
+        setup(tiny_cfg(tiny_bert_dir, glue_dir, tmp_path, lora_alpha=16, init_adapter=init))

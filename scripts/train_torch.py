@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""The outside reference: the same fine-tuning in PyTorch `transformers` (+ peft for LoRA).
+
+Same checkpoint, same tokenizer and examples (lora_jax.data reads and encodes
+them), the same batches in the same order (lora_jax.data.train_order of the same
+seed), padded per batch to its longest example as `DataCollatorWithPadding`
+would, the same optimizer (AdamW, no decay on biases and LayerNorm, global-norm
+clipping, linear warm-up and decay) and the same metrics. What cannot be the
+same: the random initialisation of the head and of LoRA's A, and dropout masks.
+
+Writes report.json with the keys lora-jax's report uses (metrics, trainable
+parameters, adapter size, examples/s, step time, peak RSS, wall time), so that
+scripts/grid.py summarises both frameworks alike.
+
+    python scripts/train_torch.py --task mrpc --method lora --targets qv --lora-rank 8 --max-steps 100 --output-dir runs/torch-mrpc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# peft module names for our target presets (BERT / RoBERTa layer names).
+PEFT_TARGETS = {
+    "qv": ["query", "value"],
+    "qkvo": ["query", "key", "value", "attention.output.dense"],
+    "all": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+}
+
+
+def _orth(model):
+    """Mean over AdaLoRA matrices of ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2 (lora-jax's regulariser)."""
+    import torch
+
+    terms = []
+    for name, p in model.named_parameters():
+        if "lora_A" in name or "lora_B" in name:
+            m = p if "lora_A" in name else p.T  # A: (r, in) rows = our P columns; B: (out, r)
+            eye = torch.eye(m.shape[0], device=m.device)
+            terms.append(((m @ m.T - eye) ** 2).sum())
+    return torch.stack(terms).sum() / (len(terms) / 2)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data-dir")
+    p.add_argument("--method", choices=("lora", "full", "adalora"), default="lora")
+    p.add_argument("--targets", choices=tuple(PEFT_TARGETS), default="qv")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=8.0)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    # peft's AdaLoRA; schedule defaults as in lora-jax (warm-up 10%, final 25% of the run).
+    p.add_argument("--adalora-init-rank", type=int, default=12)
+    p.add_argument("--adalora-target-rank", type=float, default=8)
+    p.add_argument("--adalora-interval", type=int, default=10)
+    p.add_argument("--adalora-orth-reg", type=float, default=0.1)
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup-ratio", type=float, default=0.06)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--max-train-examples", type=int)
+    p.add_argument("--num-buckets", type=int, help="accepted for scripts/grid.py; unused: each batch is padded "
+                                                   "to its own longest example")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args()
+
+    from lora_jax import data as data_lib
+    from lora_jax import metrics, profiling
+
+    out = Path(args.output_dir)
+    if (out / "report.json").exists() and not args.overwrite:
+        print(f"error: {out} already holds a run; pass --overwrite", file=sys.stderr)
+        return 2
+    try:
+        task = data_lib.get_task(args.task)
+        train_ex = data_lib.load_split(task, "train", args.data_dir).head(args.max_train_examples)
+        dev_ex = data_lib.load_dev(task, args.data_dir)
+    except data_lib.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    tokenizer = data_lib.load_tokenizer(args.model)
+    train = data_lib.encode(tokenizer, train_ex, args.max_seq_len)
+    dev = {s: data_lib.encode(tokenizer, e, args.max_seq_len) for s, e in dev_ex.items()}
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=task.num_labels)
+    spe = len(train) // args.batch_size
+    n_steps = args.max_steps or max(1, math.ceil(args.epochs * spe))
+    if args.method == "adalora":
+        import peft
+
+        model = peft.get_peft_model(model, peft.AdaLoraConfig(
+            task_type="SEQ_CLS", init_r=args.adalora_init_rank, target_r=int(args.adalora_target_rank),
+            lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=PEFT_TARGETS[args.targets],
+            tinit=n_steps // 10, tfinal=n_steps // 4, deltaT=args.adalora_interval, beta1=0.85, beta2=0.85,
+            orth_reg_weight=args.adalora_orth_reg, total_step=n_steps))
+    if args.method == "lora":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            task_type="SEQ_CLS", r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+            target_modules=PEFT_TARGETS[args.targets]))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for _, p in trainable)
+    decay = [p for n, p in trainable if not (n.endswith("bias") or "LayerNorm" in n)]
+    no_decay = [p for n, p in trainable if n.endswith("bias") or "LayerNorm" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    warmup = int(round(args.warmup_ratio * n_steps))
+    sched = transformers.get_linear_schedule_with_warmup(opt, warmup, n_steps)
+
+    def tensors(enc, idx):
+        # Dynamic padding: to this batch's longest example (DataCollatorWithPadding's rule).
+        t = max(len(enc.ids[i]) for i in idx)
+        ids = np.full((len(idx), t), enc.pad_id, np.int64)
+        mask = np.zeros((len(idx), t), np.int64)
+        types = np.zeros((len(idx), t), np.int64)
+        for row, i in enumerate(idx):
+            n = len(enc.ids[i])
+            ids[row, :n], mask[row, :n], types[row, :n] = enc.ids[i], 1, enc.type_ids[i]
+        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        if model.config.model_type != "roberta":
+            batch["token_type_ids"] = torch.from_numpy(types)
+        return batch
+
+    model.train()
+    step, times, examples, tokens, seen = 0, [], 0, 0, set()
+    log = []
+    bar = tqdm(total=n_steps, desc=f"torch {args.task} {args.method}", disable=args.no_progress, unit="step")
+    while step < n_steps:
+        epoch = step // spe
+        for idx in data_lib.train_order(train.lengths, args.batch_size, seed=args.seed, epoch=epoch)[step % spe:]:
+            if step >= n_steps:
+                break
+            batch = tensors(train, idx)
+            labels = torch.from_numpy(np.asarray(train.labels[idx]))
+            t0 = time.perf_counter()
+            logits = model(**batch).logits
+            if task.is_regression:
+                loss = torch.nn.functional.mse_loss(logits[:, 0], labels.float())
+            else:
+                loss = torch.nn.functional.cross_entropy(logits, labels.long())
+            task_loss = loss
+            if args.method == "adalora":
+                # peft adds its orthogonality term inside the model's own loss only; add it here.
+                loss = loss + args.adalora_orth_reg * _orth(model)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in trainable], args.max_grad_norm)
+            opt.step()
+            if args.method == "adalora":
+                model.base_model.update_and_allocate(step + 1)  # by hand, as peft requires
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            value = task_loss.item()
+            dt = time.perf_counter() - t0
+            step += 1
+            if step > 1:  # the first step is warm-up (allocations)
+                times.append(dt)
+                examples += len(idx)
+                tokens += int(batch["attention_mask"].sum())
+            if not math.isfinite(value):
+                print(f"error: training diverged: loss {value} at step {step}", file=sys.stderr)
+                return 1
+            log.append({"step": step, "loss": value})
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}")
+    bar.close()
+
+    model.eval()
+    results = {}
+    with torch.no_grad():
+        for split, enc in dev.items():
+            preds = np.zeros(len(enc), np.float32 if task.is_regression else np.int64)
+            for idx in data_lib.eval_order(enc.lengths, 64):
+                logits = model(**tensors(enc, idx)).logits.numpy()
+                preds[idx] = metrics.predictions_from_logits(logits, task.is_regression)
+            results[split] = metrics.compute(task.metrics, preds, enc.labels)
+
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / ("adapter" if args.method == "lora" else "model")
+    shutil.rmtree(saved, ignore_errors=True)
+    model.save_pretrained(saved)
+    adapter_bytes = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
+    n_total = sum(p.numel() for p in model.parameters())
+    report = {
+        "framework": "torch",
+        "command": " ".join(["python", *sys.argv]),
+        "task": args.task,
+        "method": args.method,
+        "model": args.model,
+        "metrics": {s: {"final": {"step": step, "values": v}} for s, v in results.items()},
+        "primary_metric": f"{task.dev_splits[0]}/{task.primary}",
+        "trainable_params": n_trainable,
+        "total_params": n_total,
+        "adapter_bytes": adapter_bytes,
+        "steps": step,
+        "train_examples": len(train),
+        "train_examples_per_sec": examples / sum(times) if times else None,
+        "train_tokens_per_sec": tokens / sum(times) if times else None,
+        "step_time_median_s": float(np.median(times)) if times else None,
+        "memory": {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+        "wall_time_s": time.perf_counter() - t_start,
+        "config": vars(args),
+        "versions": {**profiling.versions("torch", "transformers", "peft"), "jax": None},
+        "device": {"platform": "cpu", "torch_threads": torch.get_num_threads()},
+        "date": profiling.now(),
+    }
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out / "report.json")
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    primary = report["primary_metric"].split("/")
+    print(f"{args.task} torch {args.method}: {report['primary_metric']} {results[primary[0]][primary[1]]:.4f}; "
+          f"report: {out}/report.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The study scripts: scripts/grid.py runs a grid with the PyTorch reference, resumes a stopped
+cell from its checkpoint and skips finished ones; scripts/reproduce_paper.sh with the MNLI-style
+warm start, run on the tiny checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+
+def _grid(model, glue, runs, results, *flags):
+    cmd = [sys.executable, str(ROOT / "scripts" / "grid.py"), "--name", "t", "--model", str(model),
+           "--data-dir", str(glue), "--runs", str(runs), "--results", str(results), *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((results / "summary.json").read_text())
+
+
+def test_grid_with_reference_resumes_and_summarises(tiny_bert_dir, glue_dir, tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    flags = ["--tasks", "rte", "--methods", "lora-qv-r8,adalora-t2", "--seeds", "0,1", "--max-steps", "8",
+             "--frameworks", "jax,torch", "--", "--max-seq-len", "32"]
+    summary = _grid(tiny_bert_dir, glue_dir, runs, results, *flags)
+    cells = {c["method"]: c for c in summary["cells"]}
+    assert set(cells) == {"lora-qv-r8", "torch:lora-qv-r8", "adalora-t2"}  # no AdaLoRA in the reference
+    assert all(c["dev"]["n"] == 2 for c in cells.values())
+    # The same trained parameter count in both frameworks (peft: LoRA + the classifier it saves).
+    assert cells["lora-qv-r8"]["trainable_params"] == cells["torch:lora-qv-r8"]["trainable_params"]
+    assert (results / "summary.md").is_file() and (results / "metric_vs_params.png").stat().st_size > 1000
+    assert (results / "ranks" / "rte-adalora-t2-seed0-ranks.json").is_file()
+
+    # A cell stopped after its checkpoints (no report) continues from them; finished cells are skipped.
+    cell = runs / "rte" / "lora-qv-r8" / "seed1"
+    (cell / "report.json").unlink()
+    torch_report = runs / "torch" / "rte" / "lora-qv-r8" / "seed0" / "report.json"
+    before = torch_report.stat().st_mtime_ns
+    _grid(tiny_bert_dir, glue_dir, runs, results, *flags)
+    assert json.loads((cell / "report.json").read_text())["resumed"] is True
+    assert torch_report.stat().st_mtime_ns == before
+
+
+def test_reproduce_paper_script_with_warm_start(tiny_bert_dir, glue_dir, tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "MODEL": str(tiny_bert_dir), "GLUE_DIR": str(glue_dir),
+           "TASKS": "sst2,rte", "WARM_START": "sst2", "RUNS": str(tmp_path / "runs"),
+           "RESULTS": str(tmp_path / "results"),
+           # The paper's 512 positions and epochs do not fit the tiny model or a test's time.
+           "EXTRA": "--max-steps 4 --max-seq-len 32"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_paper.sh")], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cfg = json.loads((tmp_path / "runs" / "rte" / "lora-paper" / "seed0" / "config.json").read_text())
+    assert cfg["init_adapter"] == str(tmp_path / "runs" / "sst2" / "lora-paper" / "seed0" / "adapter")
+    assert cfg["lr"] == 5e-4 and cfg["batch_size"] == 32 and cfg["weight_decay"] == 0.1  # the paper's RTE row
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert {c["task"] for c in summary["cells"]} == {"sst2", "rte"}
+
+    bad = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_paper.sh")], capture_output=True, text=True,
+                         env={**env, "WARM_START": "mnli"}, timeout=60)
+    assert bad.returncode == 2 and "WARM_START=mnli must come first in TASKS" in bad.stderr
