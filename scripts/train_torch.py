@@ -132,7 +132,7 @@ def main() -> int:
     no_decay = [p for n, p in trainable if n.endswith("bias") or "LayerNorm" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-    warmup = int(round(args.warmup_ratio * n_steps))
+    warmup = round(args.warmup_ratio * n_steps)
     sched = transformers.get_linear_schedule_with_warmup(opt, warmup, n_steps)
 
     def tensors(enc, idx):
@@ -150,7 +150,7 @@ def main() -> int:
         return batch
 
     model.train()
-    step, times, examples, tokens, seen = 0, [], 0, 0, set()
+    step, times, examples, tokens = 0, [], 0, 0
     log = []
     bar = tqdm(total=n_steps, desc=f"torch {args.task} {args.method}", disable=args.no_progress, unit="step")
     while step < n_steps:

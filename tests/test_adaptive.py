@@ -28,7 +28,7 @@ def _cfg(**kw) -> AdaLoraConfig:
 
 
 def test_delta_w_is_zero_at_init(tiny_bert_dir):
-    mcfg, params, _ = weights.from_pretrained(str(tiny_bert_dir), num_labels=2)
+    _, params, _ = weights.from_pretrained(str(tiny_bert_dir), num_labels=2)
     adapters = adaptive.init(params, ALL, 4, jax.random.key(0))
     assert len(adapters) == 12
     ad = next(iter(adapters.values()))
@@ -118,7 +118,7 @@ def test_allocator_keeps_the_budget_of_most_important_triplets():
     _, out3, _ = adaptive.allocate(cfg, aux2, regrown, grads, jnp.asarray(95))
     np.testing.assert_array_equal(np.stack([np.asarray(out3[f"lora/{p}/lam"]) for p in paths]), mask)
     # Before warm-up ends nothing is masked.
-    a4, out4, info4 = adaptive.allocate(cfg, adaptive.init_state(trainable), trainable, grads, jnp.asarray(5))
+    _, _, info4 = adaptive.allocate(cfg, adaptive.init_state(trainable), trainable, grads, jnp.asarray(5))
     assert int(info4["rank"]) == 12 and int(info4["budget"]) == 12
 
 

@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""AdaLoRA against fixed-rank LoRA from a grid's summary: results/<name>/analysis.md (+ PNG).
+
+Reads results/<name>/summary.json and the per-run final ranks in results/<name>/ranks/
+(both written by scripts/grid.py) and writes: AdaLoRA vs LoRA at the same final
+budget (the mean rank per matrix equal), the step-time ratio within the grid,
+and where AdaLoRA put its rank, by matrix type and by layer, averaged over runs.
+
+    python scripts/adaptive_report.py --name adaptive
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# (AdaLoRA cell, LoRA cell with the same final mean rank on the same matrices)
+PAIRS = [("adalora-t2", "lora-all-r2"), ("adalora-t8", "lora-all-r8")]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", default="adaptive")
+    p.add_argument("--results", help="the grid's summary directory (default results/NAME)")
+    args = p.parse_args()
+    from lora_jax import adaptive
+
+    d = Path(args.results) if args.results else ROOT / "results" / args.name
+    if not (d / "summary.json").is_file():
+        print(f"error: {d}/summary.json not found: run scripts/grid.py --name {args.name} first", file=sys.stderr)
+        return 2
+    summary = json.loads((d / "summary.json").read_text())
+    cells = {(c["task"], c["method"]): c for c in summary["cells"]}
+    tasks = list(dict.fromkeys(c["task"] for c in summary["cells"]))
+    f = lambda s: f"{s['median']:.4f} [{s['min']:.4f}-{s['max']:.4f}]"
+    lines = [f"# AdaLoRA vs fixed-rank LoRA (grid `{summary['name']}`)", "",
+             f"From [`summary.json`](summary.json) (command, versions, device and date there) and the final ranks "
+             "in [`ranks/`](ranks/). Dev metric: median [min-max] over seeds; Δ: AdaLoRA median minus LoRA median. "
+             "Step-time ratio: AdaLoRA's median step over LoRA's, same grid (same batches, same machine).", "",
+             "| task | AdaLoRA | metric | LoRA at the same final budget | metric | Δ | saved params (Ada / LoRA) | "
+             "step-time ratio |", "|---|---|---|---|---|---:|---|---:|"]
+    deltas = []
+    for task in tasks:
+        for ada, fixed in PAIRS:
+            a, b = cells.get((task, ada)), cells.get((task, fixed))
+            if not (a and b):
+                continue
+            delta = a["dev"]["median"] - b["dev"]["median"]
+            deltas.append(delta)
+            lines.append(f"| {task} | {ada} | {f(a['dev'])} | {fixed} | {f(b['dev'])} | {delta:+.4f} | "
+                         f"{a['trainable_params']:,} / {b['trainable_params']:,} | "
+                         f"{a['step_time_s']['median'] / b['step_time_s']['median']:.2f}x |")
+        ref = cells.get((task, "lora-qv-r8"))
+        if ref:
+            for ada, _ in PAIRS:
+                a = cells.get((task, ada))
+                if a:
+                    lines.append(f"| {task} | {ada} | {f(a['dev'])} | lora-qv-r8 | {f(ref['dev'])} | "
+                                 f"{a['dev']['median'] - ref['dev']['median']:+.4f} | "
+                                 f"{a['trainable_params']:,} / {ref['trainable_params']:,} | "
+                                 f"{a['step_time_s']['median'] / ref['step_time_s']['median']:.2f}x |")
+    if deltas:
+        lines += ["", f"Mean Δ at equal budget over {len(deltas)} task x budget pairs: {np.mean(deltas):+.4f}."]
+
+    rank_files = sorted((d / "ranks").glob("*-ranks.json"))
+    if rank_files:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        groups: dict[str, list[dict]] = {}
+        for rf in rank_files:
+            r = json.loads(rf.read_text())
+            key = rf.name.rsplit("-seed", 1)[0]
+            groups.setdefault(key, []).append(r)
+        lines += ["", "## Where the rank went (final ranks, mean over seeds)", ""]
+        fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.8), squeeze=False)
+        for ax, (key, runs) in zip(axes[0], sorted(groups.items())):
+            layers, names, _ = adaptive.rank_table(runs[0]["ranks"])
+            grid = np.mean([adaptive.rank_table(r["ranks"])[2] for r in runs], axis=0)
+            init = runs[0]["init_rank"]
+            lines += [f"**{key}** ({len(runs)} runs; start {init} per matrix, target mean {runs[0]['target_rank']:g}; "
+                      f"matrices at rank 0: {np.mean([r['pruned_to_zero'] for r in runs]):.1f} on average)", "",
+                      "| layer | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+            lines += [f"| {layer} | " + " | ".join(f"{v:.1f}" for v in row) + " |" for layer, row in zip(layers, grid)]
+            lines += ["| mean | " + " | ".join(f"{v:.1f}" for v in grid.mean(axis=0)) + " |", ""]
+            im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=init, aspect="auto")
+            ax.set_xticks(range(len(names)), names, fontsize=7)
+            ax.set_yticks(range(len(layers)), layers)
+            ax.set_xlabel("matrix")
+            ax.set_ylabel("layer")
+            ax.set_title(key, fontsize=9)
+            fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(d / "ranks_mean.tmp.png", dpi=110)
+        os.replace(d / "ranks_mean.tmp.png", d / "ranks_mean.png")
+        lines += ["Heatmaps: [`ranks_mean.png`](ranks_mean.png); dev metric against parameters: "
+                  "[`metric_vs_params.png`](metric_vs_params.png)."]
+    (d / "analysis.md.tmp").write_text("\n".join(lines) + "\n")
+    os.replace(d / "analysis.md.tmp", d / "analysis.md")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
