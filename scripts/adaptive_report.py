@@ -30,6 +30,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default="adaptive")
     p.add_argument("--results", help="the grid's summary directory (default results/NAME)")
+    p.add_argument("--note", help="a caveat to print under the table (e.g. what else ran on the machine)")
     args = p.parse_args()
     from lora_jax import adaptive
 
@@ -69,6 +70,8 @@ def main() -> int:
                                  f"{a['step_time_s']['median'] / ref['step_time_s']['median']:.2f}x |")
     if deltas:
         lines += ["", f"Mean Δ at equal budget over {len(deltas)} task x budget pairs: {np.mean(deltas):+.4f}."]
+    if args.note:
+        lines += ["", f"Note: {args.note}"]
 
     rank_files = sorted((d / "ranks").glob("*-ranks.json"))
     if rank_files:
