@@ -71,3 +71,27 @@ def device_info() -> dict[str, str | int]:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def time_train_step(step, state, frozen, batch, *, warmup: int, steps: int):
+    """Compile ``step`` for these inputs, run ``warmup + steps`` steps.
+
+    Returns (compile seconds, timed step seconds, the compiled executable).
+
+    Each timed step ends when its loss is ready (``block_until_ready``).
+    """
+    import time
+
+    import jax
+
+    t0 = time.perf_counter()
+    compiled = step.lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        state, m = compiled(state, frozen, batch)
+        jax.block_until_ready(m["loss"])
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return compile_s, times, compiled

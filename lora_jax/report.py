@@ -13,6 +13,13 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Write a matplotlib figure atomically (a temporary file, then a rename)."""
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+
+
 def _mib(n: int | None) -> str:
     return "unmeasured" if n is None else f"{n / 2**20:,.1f} MiB"
 

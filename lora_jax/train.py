@@ -419,6 +419,8 @@ def _adaptive_outputs(out: Path, ada: adaptive.AdaLoraConfig, ranks: dict[str, i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .report import save_figure
+
     d = out / "adaptive"
     d.mkdir(exist_ok=True)
     summary = {
@@ -443,8 +445,7 @@ def _adaptive_outputs(out: Path, ada: adaptive.AdaLoraConfig, ranks: dict[str, i
     fig.colorbar(im, ax=ax, label="final rank")
     ax.set_title(f"AdaLoRA final ranks (start {ada.init_rank}, target mean {ada.target_rank:g})")
     fig.tight_layout()
-    fig.savefig(d / "ranks.png.tmp.png", dpi=120)
-    os.replace(d / "ranks.png.tmp.png", d / "ranks.png")
+    save_figure(fig, d / "ranks.png", dpi=120)
     plt.close(fig)
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     recs = [r for r in recs if "budget" in r]
@@ -456,8 +457,7 @@ def _adaptive_outputs(out: Path, ada: adaptive.AdaLoraConfig, ranks: dict[str, i
         ax.set_ylabel("total rank")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(d / "budget.png.tmp.png", dpi=120)
-        os.replace(d / "budget.png.tmp.png", d / "budget.png")
+        save_figure(fig, d / "budget.png", dpi=120)
         plt.close(fig)
     return {**summary, "files": ["adaptive/ranks.json", "adaptive/ranks.png", "adaptive/budget.png"]}
 

@@ -43,7 +43,7 @@ def main() -> int:
     tasks = list(dict.fromkeys(c["task"] for c in summary["cells"]))
     f = lambda s: f"{s['median']:.4f} [{s['min']:.4f}-{s['max']:.4f}]"
     lines = [f"# AdaLoRA vs fixed-rank LoRA (grid `{summary['name']}`)", "",
-             f"From [`summary.json`](summary.json) (command, versions, device and date there) and the final ranks "
+             "From [`summary.json`](summary.json) (command, versions, device and date there) and the final ranks "
              "in [`ranks/`](ranks/). Dev metric: median [min-max] over seeds; Δ: AdaLoRA median minus LoRA median. "
              "Step-time ratio: AdaLoRA's median step over LoRA's, same grid (same batches, same machine).", "",
              "| task | AdaLoRA | metric | LoRA at the same final budget | metric | Δ | saved params (Ada / LoRA) | "
@@ -104,8 +104,9 @@ def main() -> int:
             ax.set_title(key, fontsize=9)
             fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        fig.savefig(d / "ranks_mean.tmp.png", dpi=110)
-        os.replace(d / "ranks_mean.tmp.png", d / "ranks_mean.png")
+        from lora_jax.report import save_figure
+
+        save_figure(fig, d / "ranks_mean.png")
         lines += ["Heatmaps: [`ranks_mean.png`](ranks_mean.png); dev metric against parameters: "
                   "[`metric_vs_params.png`](metric_vs_params.png)."]
     (d / "analysis.md.tmp").write_text("\n".join(lines) + "\n")

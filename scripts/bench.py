@@ -113,16 +113,8 @@ def run_jax(cell: dict) -> dict:
     }
     batch = jax.device_put(batch)
     frozen = jax.device_put(frozen)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, frozen, batch).compile()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(cell["warmup"] + cell["steps"]):
-        t0 = time.perf_counter()
-        state, m = compiled(state, frozen, batch)
-        jax.block_until_ready(m["loss"])
-        if i >= cell["warmup"]:
-            times.append(time.perf_counter() - t0)
+    compile_s, times, compiled = profiling.time_train_step(step, state, frozen, batch, warmup=cell["warmup"],
+                                                           steps=cell["steps"])
     return {
         "trainable_params": counts["lora"] + counts["trainable"],
         "total_params": counts["total"],
@@ -297,9 +289,9 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax in axes:
         ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    from lora_jax.report import save_figure
+
+    save_figure(fig, path)
 
 
 def main() -> int:

@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,16 +58,8 @@ def run_cell(cell: dict) -> dict:
         "token_type_ids": np.zeros((b, t), np.int32),
         "labels": rng.integers(0, 2, b).astype(np.int32),
     }, mesh)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, frozen, batch).compile()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(cell["warmup"] + cell["steps"]):
-        t0 = time.perf_counter()
-        state, m = compiled(state, frozen, batch)
-        jax.block_until_ready(m["loss"])
-        if i >= cell["warmup"]:
-            times.append(time.perf_counter() - t0)
+    compile_s, times, compiled = profiling.time_train_step(step, state, frozen, batch, warmup=cell["warmup"],
+                                                           steps=cell["steps"])
     return {"step_times_s": times, "compile_s": compile_s, "parallel": parallel.describe(mesh),
             "versions": profiling.versions("jax", "jaxlib", "flax", "optax"), "device": profiling.device_info()}
 

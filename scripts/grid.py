@@ -192,9 +192,9 @@ def plot(record: dict, path: Path) -> None:
         ax.set_title(task)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    from lora_jax.report import save_figure
+
+    save_figure(fig, path)
 
 
 def main() -> int:
