@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import flax.linen as nn
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -144,7 +146,36 @@ class Dense(nn.Module):
         kernel = self.param("kernel", _normal(self.cfg), (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         dt = DTYPES[self.cfg.dtype]
-        return x.astype(dt) @ kernel.astype(dt) + bias.astype(dt)
+        # Rows as one 2-D matrix: (batch, seq, d_in) @ (d_in, f) makes the weight gradients
+        # dots with two contracting dimensions, which XLA's CPU backend runs in a slow generic
+        # loop instead of its matmul library (2x slower steps for LoRA on every linear layer).
+        rows = x.reshape(-1, x.shape[-1]).astype(dt)
+        y = rows @ kernel.astype(dt) + bias.astype(dt)
+        return y.reshape(*x.shape[:-1], self.features)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _normalize(x: jax.Array, eps: float) -> jax.Array:
+    """(x - mean) / sqrt(var + eps) over the last axis, float32."""
+    return _normalize_fwd(x, eps)[0]
+
+
+def _normalize_fwd(x, eps):
+    mean = x.mean(-1, keepdims=True)
+    centered = x - mean
+    rstd = jax.lax.rsqrt(jnp.square(centered).mean(-1, keepdims=True) + eps)
+    y = centered * rstd
+    return y, (y, rstd)
+
+
+def _normalize_bwd(eps, res, g):
+    # The textbook LayerNorm gradient: two row means instead of the five reductions and
+    # intermediates that autodiff of the forward produces (XLA's CPU reductions are slow).
+    y, rstd = res
+    return (rstd * (g - g.mean(-1, keepdims=True) - y * (g * y).mean(-1, keepdims=True)),)
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 class LayerNorm(nn.Module):
@@ -157,10 +188,7 @@ class LayerNorm(nn.Module):
         h = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (h,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (h,), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.cfg.layer_norm_eps)
+        y = _normalize(x.astype(jnp.float32), self.cfg.layer_norm_eps)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(DTYPES[self.cfg.dtype])
 
 

@@ -70,6 +70,8 @@ def run_cell(args, task: str, method: str, seed: int, framework: str = "jax") ->
     out = cell_dir(Path(args.runs), task, method, seed, framework)
     if (out / "report.json").is_file():
         return json.loads((out / "report.json").read_text())
+    if args.summarise_only:
+        return None
     script = "train.py" if framework == "jax" else "train_torch.py"
     cmd = [sys.executable, str(ROOT / "scripts" / script), "--task", task, "--model", args.model,
            "--seed", str(seed), "--output-dir", str(out), "--no-progress",
@@ -101,7 +103,13 @@ def run_cell(args, task: str, method: str, seed: int, framework: str = "jax") ->
     else:
         cmd += ["--overwrite"]  # the reference keeps no checkpoints: a stopped cell starts again
     t0 = time.time()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.compile_cache:
+        # Seeds of one cell compile the same programs: JAX's persistent cache lets the second seed
+        # load them instead (compile_time_s in its report drops; step times are unaffected).
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", args.compile_cache)
+        env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         last = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
         print(f"  failed ({done.returncode}): {last[0]}", file=sys.stderr)
@@ -152,14 +160,16 @@ def markdown(record: dict) -> str:
         "timed steps (after the first step of each sequence length), then median over seeds. Methods: "
         + "; ".join(f"`{m}` = `{' '.join(METHODS[m])}`" for m in record["methods"]) + ".",
         "",
-        "| task | method | seeds | dev metric | trained params (saved) | adapter KiB | step (s) | examples/s |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
+        "| task | method | seeds | dev metric | trained params (saved) | adapter KiB | step (s) | examples/s "
+        "| peak RSS (GiB) | wall (min) |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for c in record["cells"]:
         lines.append(
             f"| {c['task']} | {c['method']} | {len(c['seeds'])} | {c['metric']} {fmt(c['dev'])} | "
             f"{c['trainable_params']:,} | {c['adapter_bytes']['median'] / 1024:,.0f} | "
-            f"{fmt(c['step_time_s'], '.3f')} | {c['examples_per_s']['median']:.1f} |")
+            f"{fmt(c['step_time_s'], '.3f')} | {c['examples_per_s'].get('median', float('nan')):.1f} | "
+            f"{c['peak_rss_bytes']['median'] / 2**30:.2f} | {c['wall_time_s']['median'] / 60:.1f} |")
     tasks = [t for t in dict.fromkeys(c["task"] for c in record["cells"]) if t in PAPER_TABLE2]
     if tasks and "roberta" not in record["model"].lower():
         lines += ["", f"For context only (another model: RoBERTa-base, 125M parameters, not `{record['model']}`): "
@@ -197,6 +207,33 @@ def plot(record: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_costs(record: dict, path: Path) -> None:
+    """Bars per task and method: peak process memory (RSS) and training examples/s, medians over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({c["task"] for c in record["cells"]})
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 6.5), squeeze=False)
+    for col, task in enumerate(tasks):
+        cells = [c for c in record["cells"] if c["task"] == task]
+        names = [c["method"] for c in cells]
+        colors = ["C1" if n.startswith("torch:") else "C0" for n in names]
+        rows = ((0, "peak RSS (GiB)", [c["peak_rss_bytes"].get("median", 0) / 2**30 for c in cells]),
+                (1, "training examples/s", [c["examples_per_s"].get("median", 0) for c in cells]))
+        for row, label, values in rows:
+            ax = axes[row][col]
+            ax.bar(range(len(cells)), values, color=colors)
+            ax.set_xticks(range(len(cells)), names, rotation=60, ha="right", fontsize=7)
+            ax.set_ylabel(label)
+            ax.set_title(f"{task} (blue: lora-jax, orange: PyTorch)" if row == 0 else task, fontsize=9)
+    fig.tight_layout()
+    from lora_jax.report import save_figure
+
+    save_figure(fig, path)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="results/NAME/ gets the summary")
@@ -216,10 +253,18 @@ def main() -> int:
     p.add_argument("--frameworks", default="jax", help="jax, torch or jax,torch (the PyTorch reference)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint interval of epoch-long runs")
     p.add_argument("--runs", help="run directories (default runs/grid-NAME)")
+    p.add_argument("--summarise-only", action="store_true",
+                   help="run nothing: summarise the cells that have finished so far")
+    p.add_argument("--compile-cache", help="JAX persistent compilation cache shared by the cells "
+                   "(default RUNS/.jax-cache; 'none' turns it off)")
     p.add_argument("--results", help="summary directory (default results/NAME)")
     p.add_argument("extra", nargs="*", help="more train.py flags, after --")
     args = p.parse_args()
     args.runs = args.runs or str(ROOT / "runs" / f"grid-{args.name}")
+    if args.compile_cache is None:
+        args.compile_cache = str(Path(args.runs).resolve() / ".jax-cache")
+    elif args.compile_cache == "none":
+        args.compile_cache = ""
     results = Path(args.results or ROOT / "results" / args.name)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
@@ -237,19 +282,26 @@ def main() -> int:
         print(f"error: --frameworks takes jax and/or torch, got {args.frameworks!r}", file=sys.stderr)
         return 2
     rows, failed = [], 0
-    cells = [(t, m, s, f) for t in tasks for m in methods for s in seeds for f in frameworks
+    # Seed-major within a task: a grid stopped early has every method at the seeds it reached.
+    cells = [(t, m, s, f) for t in tasks for s in seeds for m in methods for f in frameworks
              if not (f == "torch" and m.startswith("adalora"))]
+    missing = 0
     for i, (task, method, seed, fw) in enumerate(cells, 1):
-        print(f"[{i}/{len(cells)}] {task} {method} seed {seed} ({fw})", file=sys.stderr, flush=True)
+        if not args.summarise_only:
+            print(f"[{i}/{len(cells)}] {task} {method} seed {seed} ({fw})", file=sys.stderr, flush=True)
         r = run_cell(args, task, method, seed, fw)
         if r is None:
-            failed += 1
+            missing += args.summarise_only
+            failed += not args.summarise_only
             continue
         rows.append({**r, "method_name": method if fw == "jax" else f"torch:{method}", "seed": seed,
                      "framework": fw})
     if not rows:
         print("error: no run finished", file=sys.stderr)
         return 1
+    if missing:
+        print(f"{missing} of {len(cells)} cells have not finished: summarising the other {len(rows)}",
+              file=sys.stderr)
     from lora_jax import profiling
 
     record = {
@@ -270,6 +322,7 @@ def main() -> int:
     (results / "summary.md.tmp").write_text(markdown(record))
     os.replace(results / "summary.md.tmp", results / "summary.md")
     plot(record, results / "metric_vs_params.png")
+    plot_costs(record, results / "memory_throughput.png")
     # AdaLoRA runs: the final ranks (JSON + heatmap + budget curve) of each run, kept with the summary.
     import shutil
 
