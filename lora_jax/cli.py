@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=float, help=f"default {d.weight_decay}")
     a("--max-grad-norm", type=float, help=f"default {d.max_grad_norm}")
     a("--max-seq-len", type=int, help=f"default {d.max_seq_len}")
-    a("--num-buckets", type=int, help=f"sequence-length buckets (default {d.num_buckets})")
+    a("--num-buckets", type=int, help=f"sequence-length buckets (default {d.num_buckets}; 0 pads every "
+      "training batch to --max-seq-len, one static shape)")
     a("--max-train-examples", type=int, help="use only the first N training examples")
     a("--max-eval-examples", type=int, help="use only the first N dev examples")
     a("--param-dtype", choices=("float32", "bfloat16"), help="dtype of the frozen base (default float32)")

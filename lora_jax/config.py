@@ -97,8 +97,9 @@ class TrainConfig:
             raise ConfigValueError(f"--save-every must be > 0, got {self.save_every}")
         if self.keep_checkpoints < 1:
             raise ConfigValueError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if self.num_buckets < 1:
-            raise ConfigValueError(f"--num-buckets must be >= 1, got {self.num_buckets}")
+        if self.num_buckets < 0:
+            raise ConfigValueError(f"--num-buckets must be >= 0 (0: pad every batch to --max-seq-len), "
+                                   f"got {self.num_buckets}")
         if self.lora_forward not in ("auto", "factored", "merged"):
             raise ConfigValueError(f"--lora-forward must be auto, factored or merged, got {self.lora_forward!r}")
         if self.lora_forward == "merged" and self.lora_dropout > 0:

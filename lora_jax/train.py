@@ -301,7 +301,10 @@ def setup(cfg: TrainConfig) -> Setup:
     tokenizer = data_lib.load_tokenizer(str(model_dir))
     train = data_lib.encode(tokenizer, train_ex, cfg.max_seq_len)
     dev = {s: data_lib.encode(tokenizer, e, cfg.max_seq_len) for s, e in dev_ex.items()}
-    buckets = data_lib.bucket_lengths(cfg.max_seq_len, cfg.num_buckets, train.lengths)
+    # --num-buckets 0: one static shape, every batch padded to --max-seq-len (the usual JAX recipe,
+    # kept as the baseline that length buckets are measured against).
+    buckets = ((cfg.max_seq_len,) if cfg.num_buckets == 0
+               else data_lib.bucket_lengths(cfg.max_seq_len, cfg.num_buckets, train.lengths))
     return Setup(cfg, task, mcfg, lcfg, frozen, trainable, label_of, counts, report, tokenizer,
                  train, dev, buckets, model_dir)
 

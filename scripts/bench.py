@@ -128,7 +128,10 @@ def run_jax(cell: dict) -> dict:
     }
 
 
-def run_torch(cell: dict) -> dict:
+def torch_step(cell: dict):
+    """PyTorch transformers (+ peft LoRA r = 8, alpha 16 on query and value) on random weights and tokens of
+    the cell's shape: returns ``step()`` (one AdamW step; returns the loss as a float, which waits for
+    the step) with ``step.model`` and ``step.params`` (the trained parameters) attached."""
     import torch
     import transformers
 
@@ -151,23 +154,38 @@ def run_torch(cell: dict) -> dict:
     mask = torch.ones_like(ids)
     labels = torch.randint(0, 2, (b,), generator=g).to(dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cell["variant"] == "bf16")
-    times = []
-    for i in range(cell["warmup"] + cell["steps"]):
-        t0 = time.perf_counter()
+
+    def step() -> float:
         with autocast:
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss_value = loss.item()  # waits for the step (and synchronises on GPU)
+        value = loss.item()  # waits for the step (and synchronises on GPU)
         if cuda:
             torch.cuda.synchronize()
+        return value
+
+    step.model, step.params = model, params
+    return step
+
+
+def run_torch(cell: dict) -> dict:
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    step = torch_step(cell)
+    times = []
+    for i in range(cell["warmup"] + cell["steps"]):
+        t0 = time.perf_counter()
+        loss_value = step()
         if i >= cell["warmup"]:
             times.append(time.perf_counter() - t0)
     assert loss_value == loss_value
     return {
-        "trainable_params": sum(p.numel() for p in params),
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in step.params),
+        "total_params": sum(p.numel() for p in step.model.parameters()),
         "step_times_s": times,
         "compile_s": None,
         "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,

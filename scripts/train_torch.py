@@ -77,8 +77,9 @@ def main() -> int:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--max-seq-len", type=int, default=128)
     p.add_argument("--max-train-examples", type=int)
-    p.add_argument("--num-buckets", type=int, help="accepted for scripts/grid.py; unused: each batch is padded "
-                                                   "to its own longest example")
+    p.add_argument("--num-buckets", type=int, help="0: pad every training batch to --max-seq-len (the static-shape "
+                   "baseline); otherwise accepted for scripts/grid.py and unused: each batch is padded to its "
+                   "own longest example")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--overwrite", action="store_true")
@@ -135,9 +136,9 @@ def main() -> int:
     warmup = round(args.warmup_ratio * n_steps)
     sched = transformers.get_linear_schedule_with_warmup(opt, warmup, n_steps)
 
-    def tensors(enc, idx):
+    def tensors(enc, idx, pad_to=None):
         # Dynamic padding: to this batch's longest example (DataCollatorWithPadding's rule).
-        t = max(len(enc.ids[i]) for i in idx)
+        t = pad_to or max(len(enc.ids[i]) for i in idx)
         ids = np.full((len(idx), t), enc.pad_id, np.int64)
         mask = np.zeros((len(idx), t), np.int64)
         types = np.zeros((len(idx), t), np.int64)
@@ -158,7 +159,7 @@ def main() -> int:
         for idx in data_lib.train_order(train.lengths, args.batch_size, seed=args.seed, epoch=epoch)[step % spe:]:
             if step >= n_steps:
                 break
-            batch = tensors(train, idx)
+            batch = tensors(train, idx, args.max_seq_len if args.num_buckets == 0 else None)
             labels = torch.from_numpy(np.asarray(train.labels[idx]))
             t0 = time.perf_counter()
             logits = model(**batch).logits

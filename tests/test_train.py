@@ -87,6 +87,15 @@ def test_compilations_bounded_by_buckets(tiny_bert_dir, glue_dir, tmp_path):
     assert 1 <= step.count <= len(data_lib.bucket_lengths(32, 2))
 
 
+def test_no_buckets_pads_every_batch_to_max_seq_len(tiny_bert_dir, glue_dir, tmp_path):
+    cfg = tiny_cfg(tiny_bert_dir, glue_dir, tmp_path, num_buckets=0, max_seq_len=48)
+    s, *_, step = run_steps(cfg, 5)
+    assert s.buckets == (48,) and step.count == 1
+    assert max(s.train.lengths) < 48  # so padding to 48 is the option's doing, not the data's
+    with pytest.raises(ValueError, match="--num-buckets must be >= 0"):
+        TrainConfig(task="sst2", num_buckets=-1).validate()
+
+
 def test_schedule_and_decay_mask(tiny_bert_dir, glue_dir, tmp_path):
     from lora_jax.train import no_weight_decay, schedule
     sched = schedule(1.0, 100, 0.1)

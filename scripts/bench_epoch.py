@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Training throughput on real data: length buckets vs one static shape, lora-jax vs PyTorch + peft.
+
+Runs one training epoch of a GLUE task (default SST-2, MiniLM, LoRA r = 8 on q, v, batch 32)
+four ways, each a real training run in its own subprocess (`scripts/train.py` or
+`scripts/train_torch.py`), with the same batches in the same order (`data.train_order`):
+
+  jax:buckets     lora-jax, batches padded up to one of --num-buckets lengths (the default)
+  jax:pad         lora-jax, every batch padded to --max-seq-len (one static shape)
+  torch:dynamic   PyTorch + peft, each batch padded to its own longest example
+                  (DataCollatorWithPadding's rule)
+  torch:pad       PyTorch + peft, every batch padded to --max-seq-len
+
+Examples/s counts the timed steps (compilation and each shape's first step excluded, the
+clock stopped once the loss is on the host); wall time is the whole run, evaluation
+included. Padding every batch to 128 is slow on CPU, so `--pad-steps N` runs the padded
+cells on the first N batches of the epoch's order only: the order is a random permutation
+of the epoch's batches, so their examples/s estimates the epoch's (the report says so).
+
+    python scripts/bench_epoch.py                           # results/epoch/<name>.{json,md,png}
+    python scripts/bench_epoch.py --pad-steps 300           # padded cells on a sample of the epoch
+    python scripts/bench_epoch.py --steps 20 --cells jax:buckets,torch:dynamic   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CELLS = ("jax:buckets", "jax:pad", "torch:dynamic", "torch:pad")
+
+
+def cell_command(cell: str, args, out: Path) -> list[str]:
+    framework, padding = cell.split(":")
+    script = "train.py" if framework == "jax" else "train_torch.py"
+    cmd = [sys.executable, str(ROOT / "scripts" / script), "--task", args.task, "--model", args.model,
+           "--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--lr", str(args.lr),
+           "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
+           "--seed", str(args.seed), "--output-dir", str(out), "--overwrite", "--no-progress"]
+    if args.data_dir != "hub":
+        cmd += ["--data-dir", args.data_dir]
+    if padding == "pad":
+        cmd += ["--num-buckets", "0"]
+    elif framework == "jax":
+        cmd += ["--num-buckets", str(args.num_buckets)]
+    steps = args.pad_steps if padding == "pad" and args.pad_steps else args.steps
+    cmd += ["--max-steps", str(steps)] if steps else ["--epochs", "1"]
+    if framework == "jax" and steps:
+        cmd += ["--eval-every", str(steps)]
+    if framework == "jax":
+        cmd += ["--save-every", "1000000"]  # a throughput run: no mid-run checkpoints
+    return cmd
+
+
+def run_cell(cell: str, args) -> dict:
+    out = Path(args.runs) / cell.replace(":", "-")
+    cmd = cell_command(cell, args, out)
+    print(f"[epoch] {cell}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        print(f"  failed ({done.returncode}): {last}", file=sys.stderr)
+        return {"cell": cell, "error": last}
+    r = json.loads((out / "report.json").read_text())
+    print(f"  {r['train_examples_per_sec']:.1f} examples/s, {time.time() - t0:.0f} s", file=sys.stderr)
+    split, metric = r["primary_metric"].split("/")
+    padded = None
+    if cell.startswith("jax"):
+        padded = r.get("padding_share")
+    return {
+        "cell": cell,
+        "steps": r["steps"],
+        "full_epoch": r["steps"] >= r["train_examples"] // args.batch_size,
+        "train_examples": r["train_examples"],
+        "examples_per_s": r["train_examples_per_sec"],
+        "tokens_per_s": r["train_tokens_per_sec"],
+        "step_time_median_s": r["step_time_median_s"],
+        "wall_time_s": r["wall_time_s"],
+        "padding_share": padded,
+        "dev": {metric: r["metrics"][split]["final"]["values"][metric]},
+        "peak_rss_bytes": r["memory"]["peak_rss_bytes"],
+        "versions": r["versions"],
+        "device": r["device"] if "device" in r else None,
+        "command": " ".join(["python", *[os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c
+                                          for c in cmd[1:]]]),
+    }
+
+
+def markdown(record: dict) -> str:
+    rows = [r for r in record["rows"] if "error" not in r]
+    lines = [
+        f"# Training throughput on {record['task']} ({record['date']})",
+        "",
+        f"Command: `{record['command']}`  ",
+        f"Device: {record['device']}; model `{record['model']}`; LoRA r = 8 on query, value; batch "
+        f"{record['batch_size']}, max length {record['max_seq_len']}; versions {record['versions']}.",
+        "",
+        "Examples/s over the timed steps (each shape's first step and compilation excluded). "
+        "`full epoch` no: the first N batches of the epoch's random batch order, an estimate of the epoch's rate.",
+        "",
+        "| cell | steps | full epoch | examples/s | tokens/s | median step (s) | padding share | wall (s) | dev |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        pad = "n/a" if r["padding_share"] is None else f"{r['padding_share']:.2f}"
+        dev = ", ".join(f"{k} {v:.4f}" for k, v in r["dev"].items())
+        lines.append(f"| {r['cell']} | {r['steps']} | {'yes' if r['full_epoch'] else 'no'} | "
+                     f"{r['examples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['step_time_median_s']:.3f} | {pad} | "
+                     f"{r['wall_time_s']:.0f} | {dev} |")
+    for r in record["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['cell']} | error: {r['error'][:100]} | | | | | | | |")
+    if record.get("ratios"):
+        lines += ["", "| ratio (examples/s) | value |", "|---|---:|"]
+        lines += [f"| {k} | {v:.2f}x |" for k, v in record["ratios"].items()]
+    lines += ["", "Dev metrics are after the steps run (a throughput run, not a tuned one)."]
+    return "\n".join(lines) + "\n"
+
+
+def ratios(rows: list[dict]) -> dict:
+    get = {r["cell"]: r["examples_per_s"] for r in rows if "error" not in r}
+    out = {}
+    torch_best = max((get[c] for c in ("torch:dynamic", "torch:pad") if c in get), default=None)
+    if "jax:buckets" in get and torch_best:
+        out["lora-jax buckets / the faster PyTorch cell"] = get["jax:buckets"] / torch_best
+    if "jax:buckets" in get and "jax:pad" in get:
+        out["lora-jax buckets / lora-jax padded to max length"] = get["jax:buckets"] / get["jax:pad"]
+    if "torch:dynamic" in get and "torch:pad" in get:
+        out["PyTorch dynamic / PyTorch padded to max length"] = get["torch:dynamic"] / get["torch:pad"]
+    if "jax:pad" in get and "torch:pad" in get:
+        out["lora-jax / PyTorch, both padded to max length"] = get["jax:pad"] / get["torch:pad"]
+    return out
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lora_jax.report import save_figure
+
+    rows = [r for r in record["rows"] if "error" not in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([r["cell"] for r in rows], [r["examples_per_s"] for r in rows],
+           color=["C0" if r["cell"].startswith("jax") else "C1" for r in rows])
+    ax.set_ylabel("training examples/s")
+    ax.set_title(f"{record['task']}, batch {record['batch_size']}, {record['device']}", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--model", default=str(SHARED / "models" / "all-MiniLM-L6-v2"))
+    p.add_argument("--data-dir", default=str(SHARED / "data" / "glue"), help="GLUE TSV directory, or hub")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--num-buckets", type=int, default=8, help="lora-jax's length buckets in jax:buckets")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="steps per cell (default: one epoch)")
+    p.add_argument("--pad-steps", type=int, help="steps of the padded cells (default: as --steps)")
+    p.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated, from {', '.join(CELLS)}")
+    p.add_argument("--runs", default=str(ROOT / "runs" / "bench-epoch"), help="run directories")
+    p.add_argument("--out", default=str(ROOT / "results" / "epoch"))
+    p.add_argument("--name", help="output file stem (default <task>-b<batch>-<platform>)")
+    args = p.parse_args()
+    cells = [c for c in args.cells.split(",") if c]
+    bad = [c for c in cells if c not in CELLS]
+    if bad:
+        print(f"error: unknown cell {bad[0]!r}; choose from {', '.join(CELLS)}", file=sys.stderr)
+        return 2
+    for flag in ("steps", "pad_steps", "batch_size"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            print(f"error: --{flag.replace('_', '-')} must be >= 1, got {v}", file=sys.stderr)
+            return 2
+
+    from lora_jax import profiling
+
+    rows = [run_cell(c, args) for c in cells]
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        print("error: no cell finished", file=sys.stderr)
+        return 1
+    device = profiling.device_info()
+    record = {
+        "command": " ".join(["python", "scripts/bench_epoch.py", *sys.argv[1:]]),
+        "date": profiling.now(),
+        "task": args.task,
+        "model": os.path.relpath(args.model, ROOT) if Path(args.model).exists() else args.model,
+        "batch_size": args.batch_size,
+        "max_seq_len": args.max_seq_len,
+        "device": f"{device['platform']} ({device['device_kind']}, host {device['host']})",
+        "versions": {**next((r["versions"] for r in ok if r["cell"].startswith("torch")), {}),
+                     **next((r["versions"] for r in ok if r["cell"].startswith("jax")), {})},
+        "rows": rows,
+        "ratios": ratios(rows),
+    }
+    record["versions"] = {k: v for k, v in record["versions"].items() if v}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"{args.task}-b{args.batch_size}-{device['platform']}"
+    for suffix, text in (("json", json.dumps(record, indent=2) + "\n"), ("md", markdown(record))):
+        tmp = out / f"{stem}.{suffix}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / f"{stem}.{suffix}")
+    plot(record, out / f"{stem}.png")
+    print(markdown(record))
+    return 0 if len(ok) == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The measuring scripts run end to end on a tiny checkpoint and record what they claim to:
+scripts/bench_epoch.py (real-data throughput, buckets vs static padding, lora-jax vs PyTorch) and
+scripts/profile_step.py (per-class step profile in both frameworks). Their numbers are not asserted
+as speeds: only the structure, and facts that follow from the padding rules."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+
+def test_bench_epoch_cells(tiny_bert_dir, glue_dir, tmp_path):
+    out = tmp_path / "epoch"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_epoch.py"), "--model", str(tiny_bert_dir),
+           "--data-dir", str(glue_dir), "--batch-size", "8", "--max-seq-len", "48", "--num-buckets", "2",
+           "--pad-steps", "3", "--runs", str(tmp_path / "runs"), "--out", str(out), "--name", "t"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "t.json").read_text())
+    rows = {r["cell"]: r for r in record["rows"]}
+    assert set(rows) == {"jax:buckets", "jax:pad", "torch:dynamic", "torch:pad"}
+    # The unpadded cells ran the whole (tiny) epoch; the padded ones the 3 steps asked for.
+    assert rows["jax:buckets"]["full_epoch"] and rows["torch:dynamic"]["full_epoch"]
+    assert rows["jax:pad"]["steps"] == rows["torch:pad"]["steps"] == 3 and not rows["jax:pad"]["full_epoch"]
+    assert rows["jax:buckets"]["steps"] == rows["torch:dynamic"]["steps"]  # the same batches
+    # Padding everything to 48 pads more than the length buckets do.
+    assert rows["jax:pad"]["padding_share"] > rows["jax:buckets"]["padding_share"]
+    assert all(r["examples_per_s"] > 0 for r in rows.values())
+    assert "lora-jax buckets / the faster PyTorch cell" in record["ratios"]
+    assert (out / "t.md").is_file() and (out / "t.png").stat().st_size > 1000
+
+
+def test_bench_epoch_bad_cell(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_epoch.py"), "--cells", "jax:nope",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "jax:nope" in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_profile_step_both_frameworks(tiny_bert_dir, tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "profile_step.py"), "--config", str(tiny_bert_dir),
+           "--batch", "4", "--seq", "16", "--warmup", "1", "--steps", "1", "--out", str(tmp_path), "--name", "t"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "t.json").read_text())
+    for fw in ("jax", "torch"):
+        ms = record[fw]["ms_per_step"]
+        assert ms.get("matmul", 0) > 0, (fw, ms)  # the kernels were found and classed
+        assert sum(ms.values()) > ms["matmul"]
+    assert "| matmul |" in (tmp_path / "t.md").read_text()
