@@ -81,13 +81,16 @@ def run_cell(args, task: str, method: str, seed: int, framework: str = "jax") ->
     # Unset flags are left to train.py's defaults (or to a preset such as lora-paper's).
     lr = args.lr_full if method == "full" else args.lr
     cmd += (["--lr", str(lr)] if lr else []) + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
+    adalora = method.startswith("adalora")
     if args.max_steps:
         cmd += ["--max-steps", str(args.max_steps)]
         if framework == "jax":
-            cmd += ["--eval-every", str(args.max_steps), "--save-every", str(max(1, args.max_steps // 4))]
+            cmd += ["--eval-every", str(args.max_steps)]
+        if framework == "jax" or not adalora:
+            cmd += ["--save-every", str(max(1, args.max_steps // 4))]
     else:
         cmd += ["--epochs", str(args.epochs)] if args.epochs else []
-        if framework == "jax":
+        if framework == "jax" or not adalora:
             cmd += ["--save-every", str(args.save_every)]
     if args.warm_start_from and task in WARM_STARTED and framework == "jax" and not method.startswith("adalora"):
         src = cell_dir(Path(args.runs), args.warm_start_from, method, seed) / "adapter"
@@ -97,11 +100,9 @@ def run_cell(args, task: str, method: str, seed: int, framework: str = "jax") ->
             return None
         cmd += ["--init-adapter", str(src)]
     cmd += list(args.extra)
-    if framework == "jax":
-        # A run stopped half-way continues from its newest checkpoint (train.py --resume).
-        cmd += ["--resume"] if (out / "config.json").is_file() else ["--overwrite"]
-    else:
-        cmd += ["--overwrite"]  # the reference keeps no checkpoints: a stopped cell starts again
+    # A run stopped half-way continues from its newest checkpoint (train.py / train_torch.py --resume).
+    stopped = (out / "config.json").is_file() if framework == "jax" else (out / "checkpoint.pt").is_file()
+    cmd += ["--resume"] if stopped else ["--overwrite"]
     t0 = time.time()
     env = dict(os.environ)
     if args.compile_cache:

@@ -83,6 +83,9 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--save-every", type=int, help="write OUTPUT_DIR/checkpoint.pt every N steps (LoRA and full "
+                   "fine-tuning): the trained parameters, optimizer, schedule, RNG and timing so far")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
 
@@ -90,9 +93,30 @@ def main() -> int:
     from lora_jax import metrics, profiling
 
     out = Path(args.output_dir)
-    if (out / "report.json").exists() and not args.overwrite:
+    ckpt_file = out / "checkpoint.pt"
+    if args.resume and args.method == "adalora":
+        print("error: --resume is not supported for --method adalora (peft's allocator state is not saved)",
+              file=sys.stderr)
+        return 2
+    if args.save_every is not None and args.save_every < 1:
+        print(f"error: --save-every must be >= 1, got {args.save_every}", file=sys.stderr)
+        return 2
+    if args.resume and not (ckpt_file.is_file() and (out / "checkpoint.json").is_file()):
+        print(f"error: --resume: no checkpoint at {ckpt_file}", file=sys.stderr)
+        return 2
+    if (out / "report.json").exists() and not (args.overwrite or args.resume):
         print(f"error: {out} already holds a run; pass --overwrite", file=sys.stderr)
         return 2
+    # What a checkpoint must agree on to be continued: everything but where it is written and how it ran.
+    run_args = {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite", "resume", "no_progress",
+                                                                  "save_every")}
+    if args.resume:
+        saved_args = json.loads((out / "checkpoint.json").read_text())["args"]
+        if saved_args != run_args:
+            diff = sorted(k for k in run_args if saved_args.get(k) != run_args[k])
+            print(f"error: --resume: {ckpt_file} was written with other settings ({', '.join(diff)})",
+                  file=sys.stderr)
+            return 2
     try:
         task = data_lib.get_task(args.task)
         train_ex = data_lib.load_split(task, "train", args.data_dir).head(args.max_train_examples)
@@ -150,10 +174,40 @@ def main() -> int:
             batch["token_type_ids"] = torch.from_numpy(types)
         return batch
 
-    model.train()
     step, times, examples, tokens = 0, [], 0, 0
     log = []
-    bar = tqdm(total=n_steps, desc=f"torch {args.task} {args.method}", disable=args.no_progress, unit="step")
+    resumed = False
+    if args.resume:
+        ckpt = torch.load(ckpt_file, weights_only=False)
+        named = dict(trainable)
+        with torch.no_grad():
+            for name, value in ckpt["trainable"].items():
+                named[name].copy_(value)
+        opt.load_state_dict(ckpt["opt"])
+        sched.load_state_dict(ckpt["sched"])
+        torch.set_rng_state(ckpt["rng"])
+        step, times, examples, tokens, log = (ckpt[k] for k in ("step", "times", "examples", "tokens", "log"))
+        resumed = True
+    else:  # --overwrite: an old run's checkpoint must not be resumed into this one
+        for f in (ckpt_file, out / "checkpoint.json"):
+            f.unlink(missing_ok=True)
+
+    def save_checkpoint() -> None:
+        # Atomic: a kill while writing leaves the previous checkpoint whole.
+        tmp = out / "checkpoint.pt.tmp"
+        torch.save({"args": run_args, "step": step, "trainable": {n: q.detach().clone() for n, q in trainable},
+                    "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state(),
+                    "times": times, "examples": examples, "tokens": tokens, "log": log}, tmp)
+        os.replace(tmp, ckpt_file)
+        # The settings, readable before torch and the model load (checked first by --resume).
+        (out / "checkpoint.json.tmp").write_text(json.dumps({"args": run_args, "step": step}) + "\n")
+        os.replace(out / "checkpoint.json.tmp", out / "checkpoint.json")
+
+    out.mkdir(parents=True, exist_ok=True)
+    first_step = step
+    model.train()
+    bar = tqdm(total=n_steps, initial=step, desc=f"torch {args.task} {args.method}", disable=args.no_progress,
+               unit="step")
     while step < n_steps:
         epoch = step // spe
         for idx in data_lib.train_order(train.lengths, args.batch_size, seed=args.seed, epoch=epoch)[step % spe:]:
@@ -181,7 +235,7 @@ def main() -> int:
             value = task_loss.item()
             dt = time.perf_counter() - t0
             step += 1
-            if step > 1:  # the first step is warm-up (allocations)
+            if step > first_step + 1:  # this process's first step is warm-up (allocations)
                 times.append(dt)
                 examples += len(idx)
                 tokens += int(batch["attention_mask"].sum())
@@ -189,6 +243,8 @@ def main() -> int:
                 print(f"error: training diverged: loss {value} at step {step}", file=sys.stderr)
                 return 1
             log.append({"step": step, "loss": value})
+            if args.save_every and step % args.save_every == 0 and step < n_steps:
+                save_checkpoint()
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
     bar.close()
@@ -226,7 +282,8 @@ def main() -> int:
         "train_tokens_per_sec": tokens / sum(times) if times else None,
         "step_time_median_s": float(np.median(times)) if times else None,
         "memory": {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
-        "wall_time_s": time.perf_counter() - t_start,
+        "wall_time_s": time.perf_counter() - t_start,  # of this process (a resumed run: since the resume)
+        "resumed": resumed,
         "config": vars(args),
         "versions": {**profiling.versions("torch", "transformers", "peft"), "jax": None},
         "device": {"platform": "cpu", "torch_threads": torch.get_num_threads()},
@@ -236,6 +293,8 @@ def main() -> int:
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, out / "report.json")
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    for f in (ckpt_file, out / "checkpoint.json"):  # the run is complete: its trained model is saved above
+        f.unlink(missing_ok=True)
     primary = report["primary_metric"].split("/")
     print(f"{args.task} torch {args.method}: {report['primary_metric']} {results[primary[0]][primary[1]]:.4f}; "
           f"report: {out}/report.json")

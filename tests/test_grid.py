@@ -44,6 +44,14 @@ def test_grid_with_reference_resumes_and_summarises(tiny_bert_dir, glue_dir, tmp
     _grid(tiny_bert_dir, glue_dir, runs, results, *flags)
     assert json.loads((cell / "report.json").read_text())["resumed"] is True
     assert torch_report.stat().st_mtime_ns == before
+    assert (results / "memory_throughput.png").stat().st_size > 1000
+
+    # --summarise-only runs nothing: a missing cell stays missing and the others are summarised.
+    (cell / "report.json").unlink()
+    summary = _grid(tiny_bert_dir, glue_dir, runs, results, "--summarise-only", *flags)
+    assert not (cell / "report.json").exists()
+    cells = {c["method"]: c for c in summary["cells"]}
+    assert cells["lora-qv-r8"]["dev"]["n"] == 1 and cells["torch:lora-qv-r8"]["dev"]["n"] == 2
 
 
 def test_reproduce_paper_script_with_warm_start(tiny_bert_dir, glue_dir, tmp_path):
@@ -64,3 +72,57 @@ def test_reproduce_paper_script_with_warm_start(tiny_bert_dir, glue_dir, tmp_pat
     bad = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_paper.sh")], capture_output=True, text=True,
                          env={**env, "WARM_START": "mnli"}, timeout=60)
     assert bad.returncode == 2 and "WARM_START=mnli must come first in TASKS" in bad.stderr
+
+
+def _torch_cmd(model, glue, out, *extra):
+    return [sys.executable, str(ROOT / "scripts" / "train_torch.py"), "--task", "rte", "--model", str(model),
+            "--data-dir", str(glue), "--batch-size", "4", "--max-seq-len", "32", "--max-steps", "150",
+            "--save-every", "5", "--lora-dropout", "0.1", "--output-dir", str(out), "--no-progress", *extra]
+
+
+def test_torch_reference_sigkill_then_resume(tiny_bert_dir, glue_dir, tmp_path):
+    """The PyTorch reference continues a killed run from its checkpoint: the same trained adapter and
+    losses as the run that was never stopped (LoRA dropout on, so the RNG state is restored too)."""
+    import signal
+    import time
+
+    import torch
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    done = subprocess.run(_torch_cmd(tiny_bert_dir, glue_dir, ref), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (ref / "checkpoint.pt").exists()  # removed once the run is complete
+
+    proc = subprocess.Popen(_torch_cmd(tiny_bert_dir, glue_dir, run), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "checkpoint.pt").is_file():
+            ckpt_step = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+            if ckpt_step >= 10:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-training"
+    assert not (run / "report.json").exists()
+
+    # Other settings than the checkpoint's: refused in one line.
+    bad = subprocess.run([*_torch_cmd(tiny_bert_dir, glue_dir, run), "--resume", "--lr", "1e-2"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "lr" in bad.stderr and bad.stderr.strip().count("\n") == 0
+
+    resumed = subprocess.run([*_torch_cmd(tiny_bert_dir, glue_dir, run), "--resume"], capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (ref, run))
+    assert rb["resumed"] and ra["metrics"] == rb["metrics"]
+    losses = lambda d: [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert losses(ref) == losses(run)
