@@ -259,8 +259,12 @@ class LoraKernel:
         if self.key is not None and self.dropout > 0.0:
             keep = jax.random.bernoulli(self.key, 1.0 - self.dropout, x.shape)
             h = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(dt)
+        # 2-D rows, as model.Dense does for plain kernels: XLA's CPU backend runs the gradients of
+        # (batch, seq, d) products (two contracting dimensions) in a slow loop.
+        rows, h = x.reshape(-1, x.shape[-1]), h.reshape(-1, x.shape[-1])
         low = (h @ self.a.astype(dt)) @ self.b.astype(dt)
-        return x @ self.w.astype(dt) + (self.scale * low).astype(dt)
+        y = rows @ self.w.astype(dt) + (self.scale * low).astype(dt)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def apply(

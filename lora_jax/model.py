@@ -146,12 +146,17 @@ class Dense(nn.Module):
         kernel = self.param("kernel", _normal(self.cfg), (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         dt = DTYPES[self.cfg.dtype]
-        # Rows as one 2-D matrix: (batch, seq, d_in) @ (d_in, f) makes the weight gradients
-        # dots with two contracting dimensions, which XLA's CPU backend runs in a slow generic
-        # loop instead of its matmul library (2x slower steps for LoRA on every linear layer).
-        rows = x.reshape(-1, x.shape[-1]).astype(dt)
-        y = rows @ kernel.astype(dt) + bias.astype(dt)
-        return y.reshape(*x.shape[:-1], self.features)
+        x, kernel = x.astype(dt), kernel.astype(dt)
+        if isinstance(kernel, jax.Array):
+            # Rows as one 2-D matrix: (batch, seq, d_in) @ (d_in, f) makes the weight gradients
+            # dots with two contracting dimensions, which XLA's CPU backend runs in a slow generic
+            # loop instead of its matmul library (2x slower steps for LoRA on every linear layer).
+            y = (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], self.features)
+        else:
+            # A kernel object (lora.LoraKernel, serve's per-example kernels) sees the batch layout
+            # (per-example adapters need it) and picks its own.
+            y = x @ kernel
+        return y + bias.astype(dt)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
