@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (a temporary file, then a rename): a kill leaves the old file whole."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -106,5 +107,5 @@ def markdown(r: dict) -> str:
 
 
 def write_report(out: Path, report: dict) -> None:
-    _atomic_write(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-    _atomic_write(out / "report.md", markdown(report))
+    write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    write_text(out / "report.md", markdown(report))

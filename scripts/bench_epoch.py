@@ -211,10 +211,10 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"{args.task}-b{args.batch_size}-{device['platform']}"
-    for suffix, text in (("json", json.dumps(record, indent=2) + "\n"), ("md", markdown(record))):
-        tmp = out / f"{stem}.{suffix}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / f"{stem}.{suffix}")
+    from lora_jax.report import write_text
+
+    write_text(out / f"{stem}.json", json.dumps(record, indent=2) + "\n")
+    write_text(out / f"{stem}.md", markdown(record))
     plot(record, out / f"{stem}.png")
     print(markdown(record))
     return 0 if len(ok) == len(rows) else 1

@@ -91,6 +91,7 @@ def main() -> int:
 
     from lora_jax import data as data_lib
     from lora_jax import metrics, profiling
+    from lora_jax.report import write_text
 
     out = Path(args.output_dir)
     ckpt_file = out / "checkpoint.pt"
@@ -200,8 +201,7 @@ def main() -> int:
                     "times": times, "examples": examples, "tokens": tokens, "log": log}, tmp)
         os.replace(tmp, ckpt_file)
         # The settings, readable before torch and the model load (checked first by --resume).
-        (out / "checkpoint.json.tmp").write_text(json.dumps({"args": run_args, "step": step}) + "\n")
-        os.replace(out / "checkpoint.json.tmp", out / "checkpoint.json")
+        write_text(out / "checkpoint.json", json.dumps({"args": run_args, "step": step}) + "\n")
 
     out.mkdir(parents=True, exist_ok=True)
     first_step = step
@@ -289,9 +289,7 @@ def main() -> int:
         "device": {"platform": "cpu", "torch_threads": torch.get_num_threads()},
         "date": profiling.now(),
     }
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out / "report.json")
+    write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     for f in (ckpt_file, out / "checkpoint.json"):  # the run is complete: its trained model is saved above
         f.unlink(missing_ok=True)
