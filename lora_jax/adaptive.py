@@ -5,7 +5,9 @@ Conventions
 * Each target kernel W ``(d_in, d_out)`` gets an SVD-form update
   ΔW = scale · P · diag(λ) · Q with P ``(d_in, r)``, λ ``(r,)``, Q ``(r, d_out)``,
   r the initial rank, scale = alpha / r. λ starts at zero, so ΔW = 0 at init;
-  P and Q start N(0, 0.02²) as in the paper and peft.
+  P and Q start N(0, 0.02²) as in the paper and peft, orthonormal, or as the top
+  singular vectors of the task gradient ∂L/∂W on the first batches
+  (:func:`gradient_directions`).
 * The adapters live in the same ``{"params", "lora"}`` tree as LoRA's, as
   ``{path: {"p", "lam", "q"}}``: labels, partition, checkpoints and counts are
   unchanged. :func:`as_lora` turns them into LoRA's ``{"a": P·diag(λ), "b": Q}``,
@@ -131,6 +133,22 @@ def init(params: dict, targets: tuple[str, ...], rank: int, key: jax.Array, how:
         else:
             p, q = 0.02 * p, 0.02 * q
         out[path] = {"p": p, "lam": jnp.zeros((rank,), jnp.float32), "q": q.T}
+    return out
+
+
+def gradient_directions(grads: dict[str, np.ndarray], rank: int) -> dict[str, dict[str, np.ndarray]]:
+    """``{path: {"p": U[:, :r], "q": Vᵀ[:r]}}``: each gradient's top-``rank`` singular vectors.
+
+    ``grads[path]`` is ∂L/∂W of a target kernel, reshaped ``(d_in, d_out)``. With P and Q
+    set to these (λ still 0, so ΔW = 0), the first gradient of λ_i is scale · σ_i: every
+    triplet starts on a direction the task loss moves along, where random P and Q give λ
+    a random projection of ∂L/∂W (about ‖∂L/∂W‖ / √(d_in·d_out)) and leave AdaLoRA at
+    the starting line for hundreds of steps (results/adaptive/probe-150-steps).
+    """
+    out = {}
+    for path, g in grads.items():
+        u, _, vt = np.linalg.svd(np.asarray(g, np.float64), full_matrices=False)
+        out[path] = {"p": u[:, :rank].astype(np.float32), "q": vt[:rank].astype(np.float32)}
     return out
 
 

@@ -74,8 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     ada.add_argument("--adalora-beta1", type=float, help=f"importance EMA (default {d.adalora_beta1})")
     ada.add_argument("--adalora-beta2", type=float, help=f"uncertainty EMA (default {d.adalora_beta2})")
     ada.add_argument("--adalora-orth-reg", type=float, help=f"orthogonality weight (default {d.adalora_orth_reg})")
-    ada.add_argument("--adalora-init", choices=("gaussian", "orthogonal"),
-                     help="P and Q: N(0, 0.02^2) as in the paper (default) or orthonormal")
+    ada.add_argument("--adalora-init", choices=("gaussian", "orthogonal", "gradient"),
+                     help="P and Q: N(0, 0.02^2) as in the paper (default), orthonormal, or the top singular "
+                          "vectors of the task gradient dL/dW on the first batches (λ stays 0, so ΔW = 0)")
+    ada.add_argument("--adalora-init-batches", type=int,
+                     help=f"batches averaged for --adalora-init gradient (default {d.adalora_init_batches})")
     a("--init-adapter", help="start the LoRA factors from this lora-jax adapter directory (same base, "
                              "targets and rank; the head starts fresh): the paper's MNLI warm start")
     a("--epochs", type=float, help=f"default {d.epochs}")

@@ -45,7 +45,9 @@ class TrainConfig:
     adalora_beta1: float = 0.85
     adalora_beta2: float = 0.85
     adalora_orth_reg: float = 0.1
-    adalora_init: str = "gaussian"  # P, Q: "gaussian" N(0, 0.02^2) as in the paper, or "orthogonal"
+    adalora_init: str = "gaussian"  # P, Q: "gaussian" N(0, 0.02^2) as in the paper, "orthogonal", or
+    # "gradient": the top singular vectors of dL/dW over the first adalora_init_batches batches
+    adalora_init_batches: int = 8
     # Start the LoRA factors from another run's adapter (e.g. the LoRA paper's MNLI warm start for
     # MRPC, RTE and STS-B); the head starts fresh.
     init_adapter: str | None = None
@@ -111,8 +113,13 @@ class TrainConfig:
         self.lora_config()  # raises LoraError on bad rank / alpha / dropout / patterns
         if self.init_adapter is not None and self.method != "lora":
             raise ConfigValueError("--init-adapter needs --method lora")
-        if self.adalora_init not in ("gaussian", "orthogonal"):
-            raise ConfigValueError(f"--adalora-init must be gaussian or orthogonal, got {self.adalora_init!r}")
+        if self.adalora_init not in ("gaussian", "orthogonal", "gradient"):
+            raise ConfigValueError(f"--adalora-init must be gaussian, orthogonal or gradient, "
+                                   f"got {self.adalora_init!r}")
+        if self.adalora_init_batches <= 0:
+            raise ConfigValueError(f"--adalora-init-batches must be > 0, got {self.adalora_init_batches}")
+        if self.method == "adalora" and self.adalora_init == "gradient" and self.init_adapter:
+            raise ConfigValueError("--adalora-init gradient and --init-adapter both set P and Q: choose one")
         if self.method == "adalora":
             # Everything but the run length is checkable now; adalora_config checks the schedule.
             self.adalora_config(total_steps=10**9)

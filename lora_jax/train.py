@@ -276,6 +276,41 @@ def warm_start(trainable: dict, adapter_dir: str, mcfg: ModelConfig, lcfg: lora.
     return out
 
 
+def gradient_init(s: Setup, n_batches: int) -> dict[str, jax.Array]:
+    """``s.trainable`` with AdaLoRA's P and Q set from the task gradient (``--adalora-init gradient``).
+
+    ∂L/∂W of every target kernel is summed over the first ``n_batches`` batches of
+    epoch 0's order (no dropout, the head at its init, W the pretrained base), and
+    each P, Q become its top singular vectors (``adaptive.gradient_directions``).
+    λ stays 0, so ΔW = 0 and the run starts from the pretrained model as before.
+    """
+    cfg = s.cfg
+    paths = [k[len("lora/"):-len("/lam")] for k in s.trainable if k.startswith("lora/") and k.endswith("/lam")]
+    head = {k: v for k, v in s.trainable.items() if not k.startswith("lora/")}
+    kernels = {p: s.frozen[f"params/{p}"] for p in paths}
+    rest = {k: v for k, v in s.frozen.items() if k[len("params/"):] not in kernels}
+
+    @jax.jit
+    def grad(kernels, rest, head, batch):
+        def loss(kernels):
+            params = lora.combine(rest, head, {f"params/{p}": w for p, w in kernels.items()})["params"]
+            logits = forward(s.mcfg, params, batch, train=False)["logits"]
+            return task_loss(logits, batch["labels"], s.task.is_regression)
+        return jax.tree.map(lambda g: g.astype(jnp.float32), jax.grad(loss)(kernels))  # a bf16 base too
+
+    total = None
+    for idx in data_lib.train_order(s.train.lengths, cfg.batch_size, seed=cfg.seed, epoch=0)[:n_batches]:
+        batch = data_lib.collate(s.train, idx, s.buckets, cfg.batch_size)
+        g = grad(kernels, rest, head, {k: batch[k] for k in _MODEL_INPUTS})
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+    mats = {p: np.asarray(g, np.float32).reshape(-1, g.shape[-1]) for p, g in total.items()}
+    out = dict(s.trainable)
+    for p, d in adaptive.gradient_directions(mats, s.lcfg.rank).items():
+        out[f"lora/{p}/p"], out[f"lora/{p}/q"] = jnp.asarray(d["p"]), jnp.asarray(d["q"])
+    log.info("AdaLoRA P, Q from the task gradient of %d matrices over %d batches", len(mats), n_batches)
+    return out
+
+
 def setup(cfg: TrainConfig) -> Setup:
     cfg.validate()
     task = data_lib.get_task(cfg.task)
@@ -293,8 +328,10 @@ def setup(cfg: TrainConfig) -> Setup:
     params, report = weights.load_params(model_dir, mcfg, key=k_head, param_dtype=cfg.param_dtype)
     log.info(report.summary())
     lcfg = cfg.lora_config()
+    # --adalora-init gradient starts from orthonormal P, Q and replaces them below, once the data is in.
+    svd_init = "orthogonal" if cfg.adalora_init == "gradient" else cfg.adalora_init
     trainable, frozen, label_of, counts = split_for_training(params, lcfg, k_lora, svd=cfg.method == "adalora",
-                                                             svd_init=cfg.adalora_init)
+                                                             svd_init=svd_init)
     if cfg.init_adapter:
         trainable = warm_start(trainable, cfg.init_adapter, mcfg, lcfg)
 
@@ -305,8 +342,11 @@ def setup(cfg: TrainConfig) -> Setup:
     # kept as the baseline that length buckets are measured against).
     buckets = ((cfg.max_seq_len,) if cfg.num_buckets == 0
                else data_lib.bucket_lengths(cfg.max_seq_len, cfg.num_buckets, train.lengths))
-    return Setup(cfg, task, mcfg, lcfg, frozen, trainable, label_of, counts, report, tokenizer,
-                 train, dev, buckets, model_dir)
+    s = Setup(cfg, task, mcfg, lcfg, frozen, trainable, label_of, counts, report, tokenizer,
+              train, dev, buckets, model_dir)
+    if cfg.method == "adalora" and cfg.adalora_init == "gradient" and lcfg.targets:
+        s.trainable = gradient_init(s, cfg.adalora_init_batches)
+    return s
 
 
 def init_state(s: Setup, optimizer) -> TrainState:

@@ -2,6 +2,7 @@
 important triplets, one compilation for a whole run, truncated adapters equal to the trained
 model, peft export with a rank_pattern (PeftModel in torch gives the same logits), bad input."""
 
+import dataclasses
 import json
 
 import jax
@@ -11,12 +12,13 @@ import pytest
 
 from lora_jax import adapter as adapter_lib
 from lora_jax import adaptive, lora, weights
+from lora_jax import data as data_lib
 from lora_jax.adaptive import AdaLoraConfig, AdaptiveError
 from lora_jax.cli import train_main
 from lora_jax.config import TrainConfig
 from lora_jax.evaluate import evaluate_adapter
 from lora_jax.model import forward
-from lora_jax.train import fit, model_params
+from lora_jax.train import fit, model_params, setup, task_loss
 
 QV = lora.TARGET_PRESETS["qv"]
 ALL = lora.TARGET_PRESETS["all"]
@@ -47,6 +49,21 @@ def test_orthogonal_init_starts_where_the_regulariser_points(tiny_bert_dir):
     assert all(float(jnp.abs(a["a"]).max()) == 0 for a in adaptive.as_lora(orth).values())  # ΔW = 0 still
     with pytest.raises(AdaptiveError, match="--adalora-init must be gaussian or orthogonal"):
         adaptive.init(params, QV, 4, jax.random.key(0), how="svd")
+
+
+def test_gradient_directions_are_the_top_singular_triplets():
+    g = np.random.default_rng(0).normal(size=(12, 7))
+    d = adaptive.gradient_directions({"w": g}, 3)["w"]
+    p, q = d["p"].astype(np.float64), d["q"].astype(np.float64)
+    assert p.shape == (12, 3) and q.shape == (3, 7)
+    np.testing.assert_allclose(p.T @ p, np.eye(3), atol=1e-6)
+    np.testing.assert_allclose(q @ q.T, np.eye(3), atol=1e-6)
+    # Singular values by another route (eigenvalues of GᵀG): P, Q pick the largest three, in order,
+    # and P·diag(σ)·Q is the best rank-3 approximation (what is left is the other σ²).
+    sigma = np.sqrt(np.linalg.eigvalsh(g.T @ g)[::-1])
+    np.testing.assert_allclose(np.diag(p.T @ g @ q.T), sigma[:3], rtol=1e-5)
+    rest = g - p @ np.diag(sigma[:3]) @ q
+    np.testing.assert_allclose(np.sum(rest**2), np.sum(sigma[3:] ** 2), rtol=1e-4)
 
 
 def test_budget_schedule_is_cubic_from_initial_to_target():
@@ -127,6 +144,39 @@ def _adalora(model, glue, out, **kw) -> TrainConfig:
                 adalora_init_rank=4, adalora_target_rank=2, adalora_interval=3, batch_size=8, max_seq_len=32,
                 num_buckets=1, max_steps=30, lr=5e-3, warmup_ratio=0.0, log_every=1, output_dir=str(out))
     return TrainConfig(**{**base, **kw})
+
+
+def test_gradient_init_starts_lambda_on_the_task_gradient(tiny_bert_dir, glue_dir, tmp_path):
+    """--adalora-init gradient: ΔW = 0 still, and ∂L/∂λ_i is scale · σ_i(∂L/∂W) on the probe batches,
+    at least what random orthonormal P, Q give (Ky Fan: no orthonormal pair projects more)."""
+    cfg = _adalora(tiny_bert_dir, glue_dir, tmp_path / "g", adalora_init="gradient", adalora_init_batches=2)
+    grad_init = setup(cfg)
+    orth_init = setup(dataclasses.replace(cfg, adalora_init="orthogonal"))
+    lcfg = cfg.lora_config()
+    batches = [data_lib.collate(grad_init.train, idx, grad_init.buckets, cfg.batch_size)
+               for idx in data_lib.train_order(grad_init.train.lengths, cfg.batch_size, seed=cfg.seed, epoch=0)[:2]]
+
+    def loss(trainable, frozen):
+        params = model_params(trainable, frozen, lcfg, mode="factored")
+        return sum(task_loss(forward(grad_init.mcfg, params, b)["logits"], b["labels"], False) for b in batches)
+
+    d_lam = jax.grad(loss)(grad_init.trainable, grad_init.frozen)
+    d_lam_orth = jax.grad(loss)(orth_init.trainable, orth_init.frozen)
+    d_w = jax.grad(loss, argnums=1)(grad_init.trainable, grad_init.frozen)
+    paths = [k[len("lora/"):-len("/lam")] for k in grad_init.trainable if k.endswith("/lam")]
+    assert len(paths) == 12
+    ratio = []
+    for path in paths:
+        assert not np.any(np.asarray(grad_init.trainable[f"lora/{path}/lam"]))  # λ = 0: ΔW = 0
+        g = np.asarray(d_w[f"params/{path}"], np.float64)
+        g = g.reshape(-1, g.shape[-1])
+        sigma = np.sqrt(np.clip(np.linalg.eigvalsh(g.T @ g)[::-1][:4], 0, None))
+        got = np.abs(np.asarray(d_lam[f"lora/{path}/lam"], np.float64))
+        np.testing.assert_allclose(got, lcfg.scale * sigma, rtol=1e-3, atol=1e-7, err_msg=path)
+        random = np.linalg.norm(np.asarray(d_lam_orth[f"lora/{path}/lam"]))
+        assert np.linalg.norm(got) >= random * (1 - 1e-4), path
+        ratio.append(np.linalg.norm(got) / max(random, 1e-12))
+    assert np.median(ratio) > 2  # random directions see a small share of the gradient
 
 
 def test_adalora_run_compiles_once_and_saves_the_trained_model(tiny_bert_dir, glue_dir, tmp_path):
@@ -215,6 +265,7 @@ def test_truncated_adapter_exports_to_peft_with_rank_pattern(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--adalora-init-rank", "4", "--adalora-target-rank", "6"], "--adalora-target-rank 6.0 must be in (0, init rank 4]"),
     (["--adalora-interval", "0"], "--adalora-interval must be > 0, got 0"),
+    (["--adalora-init", "gradient", "--adalora-init-batches", "0"], "--adalora-init-batches must be > 0, got 0"),
     (["--adalora-warmup-steps", "5", "--adalora-final-steps", "3"],
      "--adalora-warmup-steps 5 + --adalora-final-steps 3 leave no steps to prune in a run of 8 steps"),
 ])
