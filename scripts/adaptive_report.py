@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import sys
 from pathlib import Path
@@ -23,7 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # (AdaLoRA cell, LoRA cell with the same final mean rank on the same matrices)
-PAIRS = [("adalora-t2", "lora-all-r2"), ("adalora-t8", "lora-all-r8")]
+def pairs(methods) -> list[tuple[str, str]]:
+    """Each AdaLoRA method (``adalora-tN`` and its variants ``adalora-tN-...``) with LoRA on every
+    linear layer at the same final mean rank, ``lora-all-rN``."""
+    out = []
+    for m in methods:
+        hit = re.fullmatch(r"adalora-t(\d+)(-.+)?", m)
+        if hit:
+            out.append((m, f"lora-all-r{hit.group(1)}"))
+    return out
 
 
 def main() -> int:
@@ -50,7 +59,7 @@ def main() -> int:
              "step-time ratio |", "|---|---|---|---|---|---:|---|---:|"]
     deltas = []
     for task in tasks:
-        for ada, fixed in PAIRS:
+        for ada, fixed in pairs(dict.fromkeys(c["method"] for c in summary["cells"])):
             a, b = cells.get((task, ada)), cells.get((task, fixed))
             if not (a and b):
                 continue
@@ -61,7 +70,7 @@ def main() -> int:
                          f"{a['step_time_s']['median'] / b['step_time_s']['median']:.2f}x |")
         ref = cells.get((task, "lora-qv-r8"))
         if ref:
-            for ada, _ in PAIRS:
+            for ada, _ in pairs(dict.fromkeys(c["method"] for c in summary["cells"])):
                 a = cells.get((task, ada))
                 if a:
                     lines.append(f"| {task} | {ada} | {f(a['dev'])} | lora-qv-r8 | {f(ref['dev'])} | "

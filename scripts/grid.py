@@ -41,6 +41,12 @@ METHODS = {
                    "--adalora-target-rank", "2", "--lora-alpha", "3"],
     "adalora-t8": ["--method", "adalora", "--targets", "all", "--adalora-init-rank", "12",
                    "--adalora-target-rank", "8", "--lora-alpha", "12"],
+    # The same at 16x the scale with orthonormal P, Q: λ moves about lr per step under Adam, so at
+    # scale 1 AdaLoRA stays near the pretrained model for hundreds of steps (results/adaptive/probe-scale).
+    "adalora-t2-s16": ["--method", "adalora", "--targets", "all", "--adalora-init-rank", "3",
+                       "--adalora-target-rank", "2", "--lora-alpha", "48", "--adalora-init", "orthogonal"],
+    "adalora-t8-s16": ["--method", "adalora", "--targets", "all", "--adalora-init-rank", "12",
+                       "--adalora-target-rank", "8", "--lora-alpha", "192", "--adalora-init", "orthogonal"],
 }
 
 

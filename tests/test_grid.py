@@ -126,3 +126,29 @@ def test_torch_reference_sigkill_then_resume(tiny_bert_dir, glue_dir, tmp_path):
     assert rb["resumed"] and ra["metrics"] == rb["metrics"]
     losses = lambda d: [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert losses(ref) == losses(run)
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_grid_method_is_a_valid_training_config():
+    from lora_jax.cli import build_parser, config_from_args
+
+    for name, flags in _script("grid").METHODS.items():
+        cfg = config_from_args(build_parser().parse_args(["--task", "rte", *flags]))
+        cfg.validate()
+        if name.startswith("adalora"):
+            # Scale alpha / initial rank: 1 for the paper's setting, 16 for the -s16 variants.
+            want = 16.0 if name.endswith("-s16") else 1.0
+            assert cfg.method == "adalora" and cfg.lora_alpha / cfg.adalora_init_rank == want, name
+
+
+def test_adaptive_report_pairs_each_adalora_method_with_lora_at_its_budget():
+    pairs = _script("adaptive_report").pairs(["lora-qv-r8", "adalora-t2", "adalora-t8-s16", "lora-all-r8", "full"])
+    assert pairs == [("adalora-t2", "lora-all-r2"), ("adalora-t8-s16", "lora-all-r8")]
