@@ -118,8 +118,6 @@ class TrainConfig:
                                    f"got {self.adalora_init!r}")
         if self.adalora_init_batches <= 0:
             raise ConfigValueError(f"--adalora-init-batches must be > 0, got {self.adalora_init_batches}")
-        if self.method == "adalora" and self.adalora_init == "gradient" and self.init_adapter:
-            raise ConfigValueError("--adalora-init gradient and --init-adapter both set P and Q: choose one")
         if self.method == "adalora":
             # Everything but the run length is checkable now; adalora_config checks the schedule.
             self.adalora_config(total_steps=10**9)
