@@ -170,7 +170,7 @@ def orthogonality(adapters: dict) -> jax.Array:
 # ----------------------------------------------------------------------------- allocator
 
 
-def _svd_keys(trainable: dict) -> dict[str, dict[str, str]]:
+def svd_keys(trainable: dict) -> dict[str, dict[str, str]]:
     """``{matrix path: {"p": flat key, "lam": ..., "q": ...}}`` from the flat trainable dict."""
     out: dict[str, dict[str, str]] = {}
     for key in trainable:
@@ -182,7 +182,7 @@ def _svd_keys(trainable: dict) -> dict[str, dict[str, str]]:
 
 def init_state(trainable: dict) -> dict:
     """Allocator state: EMAs of importance and uncertainty per SVD factor, and the rank mask per matrix."""
-    keys = _svd_keys(trainable)
+    keys = svd_keys(trainable)
     zeros = {k: jnp.zeros_like(trainable[k]) for ks in keys.values() for k in ks.values()}
     return {
         "ipt": zeros,
@@ -196,7 +196,7 @@ def allocate(cfg: AdaLoraConfig, aux: dict, trainable: dict, grads: dict, step: 
 
     Returns (new allocator state, trainable with λ masked, {"budget", "rank"}).
     """
-    keys = _svd_keys(trainable)
+    keys = svd_keys(trainable)
     paths = list(keys)
     n = len(paths)
     t_prune_end = cfg.total_steps - cfg.final_steps
@@ -245,7 +245,7 @@ def truncate(trainable: dict, aux: dict, scale: float) -> tuple[dict[str, np.nda
 
     Returns (trainable leaves in LoRA form, rank per kept matrix).
     """
-    keys = _svd_keys(trainable)
+    keys = svd_keys(trainable)
     out = {k: np.asarray(v) for k, v in trainable.items() if not re.fullmatch(r"lora/.+/(p|lam|q)", k)}
     ranks = {}
     for path, ks in keys.items():

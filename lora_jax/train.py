@@ -285,9 +285,9 @@ def gradient_init(s: Setup, n_batches: int) -> dict[str, jax.Array]:
     λ stays 0, so ΔW = 0 and the run starts from the pretrained model as before.
     """
     cfg = s.cfg
-    paths = [k[len("lora/"):-len("/lam")] for k in s.trainable if k.startswith("lora/") and k.endswith("/lam")]
+    keys = adaptive.svd_keys(s.trainable)
     head = {k: v for k, v in s.trainable.items() if not k.startswith("lora/")}
-    kernels = {p: s.frozen[f"params/{p}"] for p in paths}
+    kernels = {p: s.frozen[f"params/{p}"] for p in keys}
     rest = {k: v for k, v in s.frozen.items() if k[len("params/"):] not in kernels}
 
     @jax.jit
@@ -306,7 +306,7 @@ def gradient_init(s: Setup, n_batches: int) -> dict[str, jax.Array]:
     mats = {p: np.asarray(g, np.float32).reshape(-1, g.shape[-1]) for p, g in total.items()}
     out = dict(s.trainable)
     for p, d in adaptive.gradient_directions(mats, s.lcfg.rank).items():
-        out[f"lora/{p}/p"], out[f"lora/{p}/q"] = jnp.asarray(d["p"]), jnp.asarray(d["q"])
+        out[keys[p]["p"]], out[keys[p]["q"]] = jnp.asarray(d["p"]), jnp.asarray(d["q"])
     log.info("AdaLoRA P, Q from the task gradient of %d matrices over %d batches", len(mats), n_batches)
     return out
 
