@@ -311,12 +311,25 @@ def gradient_init(s: Setup, n_batches: int) -> dict[str, jax.Array]:
     return out
 
 
+def initial_trainable(cfg: TrainConfig, model_dir: Path, mcfg: ModelConfig):
+    """The pretrained base with this run's fresh head and adapters, split for training.
+
+    Returns (load report, trainable, frozen, label of each trainable path, counts). The
+    random values depend on ``cfg.seed`` alone, so another framework can start from
+    exactly these (``scripts/train_torch.py --same-init``).
+    """
+    k_head, k_lora = jax.random.split(jax.random.key(cfg.seed))
+    params, report = weights.load_params(model_dir, mcfg, key=k_head, param_dtype=cfg.param_dtype)
+    # --adalora-init gradient starts from orthonormal P, Q; setup replaces them once the data is in.
+    svd_init = "orthogonal" if cfg.adalora_init == "gradient" else cfg.adalora_init
+    return report, *split_for_training(params, cfg.lora_config(), k_lora, svd=cfg.method == "adalora",
+                                       svd_init=svd_init)
+
+
 def setup(cfg: TrainConfig) -> Setup:
     cfg.validate()
     task = data_lib.get_task(cfg.task)
     model_dir = weights.resolve(cfg.model)
-    key = jax.random.key(cfg.seed)
-    k_head, k_lora = jax.random.split(key)
     mcfg = weights.read_config(model_dir, num_labels=task.num_labels, dtype=cfg.compute_dtype, remat=cfg.remat)
     if cfg.max_seq_len > mcfg.max_positions:
         raise data_lib.DataError(
@@ -325,13 +338,9 @@ def setup(cfg: TrainConfig) -> Setup:
     train_ex = data_lib.load_split(task, "train", cfg.data_dir).head(cfg.max_train_examples)
     dev_ex = data_lib.load_dev(task, cfg.data_dir, cfg.dev_file, cfg.max_eval_examples)
 
-    params, report = weights.load_params(model_dir, mcfg, key=k_head, param_dtype=cfg.param_dtype)
+    report, trainable, frozen, label_of, counts = initial_trainable(cfg, model_dir, mcfg)
     log.info(report.summary())
     lcfg = cfg.lora_config()
-    # --adalora-init gradient starts from orthonormal P, Q and replaces them below, once the data is in.
-    svd_init = "orthogonal" if cfg.adalora_init == "gradient" else cfg.adalora_init
-    trainable, frozen, label_of, counts = split_for_training(params, lcfg, k_lora, svd=cfg.method == "adalora",
-                                                             svd_init=svd_init)
     if cfg.init_adapter:
         trainable = warm_start(trainable, cfg.init_adapter, mcfg, lcfg)
 

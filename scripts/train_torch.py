@@ -53,6 +53,56 @@ def _orth(model):
     return torch.stack(terms).sum() / (len(terms) / 2)
 
 
+def load_same_init(model, args, num_labels: int) -> int:
+    """Overwrite the head (and LoRA's A, B) with lora-jax's initial values for this seed and settings.
+
+    With it the two frameworks start from identical trainable values, and with dropout off
+    (a model config whose dropout probabilities are 0) they should follow the same loss
+    curve up to float rounding: the check that both implement the same training. Every
+    lora-jax trainable leaf must land on exactly one trainable torch parameter of the same
+    shape, and every trainable torch parameter must be covered. Returns the count set.
+    """
+    import torch
+
+    from lora_jax import train as train_lib
+    from lora_jax import weights
+    from lora_jax.config import TrainConfig
+
+    cfg = TrainConfig(task=args.task, model=args.model, data_dir=args.data_dir, method=args.method,
+                      targets=args.targets, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                      lora_dropout=args.lora_dropout, seed=args.seed, max_seq_len=args.max_seq_len)
+    model_dir = weights.resolve(args.model)
+    mcfg = weights.read_config(model_dir, num_labels=num_labels)
+    _, trainable, *_ = train_lib.initial_trainable(cfg, model_dir, mcfg)
+
+    def ours(torch_name: str) -> str:
+        # peft's names -> the plain module names our paths map to
+        name = torch_name.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+        name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        return name.removeprefix(mcfg.model_type + ".")
+
+    params = {ours(n): p for n, p in model.named_parameters() if p.requires_grad}
+    done = set()
+    with torch.no_grad():
+        for key, value in trainable.items():
+            kind, _, path = key.partition("/")
+            value = np.asarray(value, np.float32)
+            if kind == "lora":
+                kernel, factor = path.rsplit("/", 1)
+                name, transpose = f"{kernel.rsplit('/', 1)[0].replace('/', '.')}.lora_{factor.upper()}.weight", True
+            else:
+                name, transpose = weights.flax_to_torch_name(path)
+            value = value.T if transpose else value
+            if name not in params or tuple(params[name].shape) != value.shape:
+                raise SystemExit(f"error: --same-init: lora-jax's {key} {value.shape} has no torch counterpart")
+            params[name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+            done.add(name)
+    if set(params) - done:
+        raise SystemExit(f"error: --same-init: torch parameters without a lora-jax value: "
+                         f"{sorted(set(params) - done)[:3]}")
+    return len(done)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True)
@@ -81,6 +131,8 @@ def main() -> int:
                    "baseline); otherwise accepted for scripts/grid.py and unused: each batch is padded to its "
                    "own longest example")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--same-init", action="store_true", help="start the head (and LoRA's A, B) from lora-jax's "
+                   "initial values for this seed, instead of torch's own random ones (lora and full)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--save-every", type=int, help="write OUTPUT_DIR/checkpoint.pt every N steps (LoRA and full "
@@ -97,6 +149,10 @@ def main() -> int:
     ckpt_file = out / "checkpoint.pt"
     if args.resume and args.method == "adalora":
         print("error: --resume is not supported for --method adalora (peft's allocator state is not saved)",
+              file=sys.stderr)
+        return 2
+    if args.same_init and args.method == "adalora":
+        print("error: --same-init supports --method lora and full (AdaLoRA's P, Q differ in layout from peft's)",
               file=sys.stderr)
         return 2
     if args.save_every is not None and args.save_every < 1:
@@ -152,6 +208,8 @@ def main() -> int:
         model = peft.get_peft_model(model, peft.LoraConfig(
             task_type="SEQ_CLS", r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             target_modules=PEFT_TARGETS[args.targets]))
+    if args.same_init:
+        load_same_init(model, args, task.num_labels)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for _, p in trainable)
     decay = [p for n, p in trainable if not (n.endswith("bias") or "LayerNorm" in n)]
