@@ -36,8 +36,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from grid import METHODS, SHARED, torch_flags  # noqa: E402
 
-DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
-
 
 def without_dropout(model: Path, where: Path) -> Path:
     """A directory that is ``model`` with every dropout probability set to 0 (other files linked)."""
@@ -46,7 +44,9 @@ def without_dropout(model: Path, where: Path) -> Path:
         if f.name != "config.json" and not (where / f.name).exists():
             (where / f.name).symlink_to(f.resolve())
     config = json.loads((model / "config.json").read_text())
-    config.update({k: 0.0 for k in DROPOUT_KEYS if k in config or k != "classifier_dropout"})
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if config.get("classifier_dropout") is not None:  # None: the head uses hidden_dropout_prob
+        config["classifier_dropout"] = 0.0
     from lora_jax.report import write_text
 
     write_text(where / "config.json", json.dumps(config, indent=2) + "\n")
