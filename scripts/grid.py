@@ -107,7 +107,9 @@ def run_cell(args, task: str, method: str, seed: int, framework: str = "jax") ->
         cmd += ["--init-adapter", str(src)]
     cmd += list(args.extra)
     # A run stopped half-way continues from its newest checkpoint (train.py / train_torch.py --resume).
-    stopped = (out / "config.json").is_file() if framework == "jax" else (out / "checkpoint.pt").is_file()
+    # A lora-jax cell killed before its first checkpoint has nothing to continue from: it starts over.
+    stopped = (any(p.name.isdigit() for p in (out / "checkpoints").glob("*")) if framework == "jax"
+               else (out / "checkpoint.pt").is_file())
     cmd += ["--resume"] if stopped else ["--overwrite"]
     t0 = time.time()
     env = dict(os.environ)

@@ -46,6 +46,14 @@ def test_grid_with_reference_resumes_and_summarises(tiny_bert_dir, glue_dir, tmp
     assert torch_report.stat().st_mtime_ns == before
     assert (results / "memory_throughput.png").stat().st_size > 1000
 
+    # A cell killed before its first checkpoint (config.json, no checkpoint) starts over.
+    import shutil
+
+    (cell / "report.json").unlink()
+    shutil.rmtree(cell / "checkpoints")
+    _grid(tiny_bert_dir, glue_dir, runs, results, *flags)
+    assert json.loads((cell / "report.json").read_text())["resumed"] is False
+
     # --summarise-only runs nothing: a missing cell stays missing and the others are summarised.
     (cell / "report.json").unlink()
     summary = _grid(tiny_bert_dir, glue_dir, runs, results, "--summarise-only", *flags)
