@@ -53,14 +53,14 @@ def _orth(model):
     return torch.stack(terms).sum() / (len(terms) / 2)
 
 
-def load_same_init(model, args, num_labels: int) -> int:
+def load_same_init(model, args, num_labels: int) -> None:
     """Overwrite the head (and LoRA's A, B) with lora-jax's initial values for this seed and settings.
 
     With it the two frameworks start from identical trainable values, and with dropout off
     (a model config whose dropout probabilities are 0) they should follow the same loss
     curve up to float rounding: the check that both implement the same training. Every
     lora-jax trainable leaf must land on exactly one trainable torch parameter of the same
-    shape, and every trainable torch parameter must be covered. Returns the count set.
+    shape, and every trainable torch parameter must be covered.
     """
     import torch
 
@@ -100,7 +100,6 @@ def load_same_init(model, args, num_labels: int) -> int:
     if set(params) - done:
         raise SystemExit(f"error: --same-init: torch parameters without a lora-jax value: "
                          f"{sorted(set(params) - done)[:3]}")
-    return len(done)
 
 
 def main() -> int:
