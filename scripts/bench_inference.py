@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Inference latency and throughput: base alone, merged adapter, unmerged (factored) adapter, and a
-mixed batch over K adapters (per-example gathered LoRA factors and heads), at batch 1 and 32.
+mixed batch over K adapters (each example its own LoRA factors and head; one row per --mixed-impls
+strategy, see lora_jax.serve.GatheredKernel), at batch 1 and 32.
 
 Random weights of the shape in a config.json and random adapters (LoRA r = 8 on query/value with
 non-zero B, random heads); sequence length fixed. Median over timed calls after warm-up, the clock
@@ -30,6 +31,8 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batches", default="1,32")
     p.add_argument("--adapters", type=int, default=8, help="adapters in the mixed batch")
+    p.add_argument("--mixed-impls", default="masked,gather,fused",
+                   help="mixed-batch strategies to time, comma-separated (lora_jax.serve.MIXED_IMPLS)")
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "results" / "inference"))
@@ -43,6 +46,13 @@ def main() -> int:
         assert all(b > 0 for b in batches) and args.seq > 0 and args.calls > 0 and args.adapters > 0
     except (ValueError, AssertionError):
         print("error: --batches takes positive integers (1,32); --seq, --calls, --adapters must be > 0",
+              file=sys.stderr)
+        return 2
+    impls = [m for m in args.mixed_impls.split(",") if m]
+    from lora_jax.serve import MIXED_IMPLS
+
+    if not impls or any(m not in MIXED_IMPLS for m in impls):
+        print(f"error: --mixed-impls takes names from {', '.join(MIXED_IMPLS)}, got {args.mixed_impls!r}",
               file=sys.stderr)
         return 2
 
@@ -78,7 +88,7 @@ def main() -> int:
 
     plain = jax.jit(lambda prm, b: forward(mcfg, prm, b)["logits"])
     factored = jax.jit(lambda prm, ad, b: forward(mcfg, lora.apply(prm, ad, lcfg), b)["logits"])
-    mixed = jax.jit(lambda bk, fr, b, i: mixed_forward(mcfg, bk, fr, b, i))
+    mixed = {m: jax.jit(lambda bk, fr, b, i, m=m: mixed_forward(mcfg, bk, fr, b, i, m)) for m in impls}
 
     def timed(fn, *a):
         for _ in range(args.warmup):
@@ -100,8 +110,9 @@ def main() -> int:
             "base": timed(plain, params, batch),
             "merged adapter": timed(plain, merged, batch),
             "unmerged adapter": timed(factored, tree["params"], tree["lora"], batch),
-            f"mixed batch, {args.adapters} adapters": timed(mixed, bank, frozen_no_head, batch, idx),
         }
+        for m, fn in mixed.items():
+            cells[f"mixed batch, {args.adapters} adapters ({m})"] = timed(fn, bank, frozen_no_head, batch, idx)
         base_t = cells["base"]
         for name, t in cells.items():
             rows.append({"batch": b, "seq": args.seq, "what": name, "latency_s": t, "examples_per_sec": b / t,

@@ -1,6 +1,7 @@
 """The measuring scripts run end to end on a tiny checkpoint and record what they claim to:
 scripts/bench_epoch.py (real-data throughput, buckets vs static padding, lora-jax vs PyTorch) and
-scripts/profile_step.py (per-class step profile in both frameworks). Their numbers are not asserted
+scripts/profile_step.py (per-class step profile in both frameworks) and scripts/bench_inference.py
+(base, merged, unmerged and mixed-adapter serving). Their numbers are not asserted
 as speeds: only the structure, and facts that follow from the padding rules."""
 
 import json
@@ -54,3 +55,26 @@ def test_profile_step_both_frameworks(tiny_bert_dir, tmp_path):
         assert ms.get("matmul", 0) > 0, (fw, ms)  # the kernels were found and classed
         assert sum(ms.values()) > ms["matmul"]
     assert "| matmul |" in (tmp_path / "t.md").read_text()
+
+
+def test_bench_inference_rows(tiny_bert_dir, tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_inference.py"), "--config", str(tiny_bert_dir),
+           "--seq", "16", "--batches", "1,4", "--adapters", "3", "--calls", "1", "--warmup", "1",
+           "--mixed-impls", "masked,gather", "--out", str(tmp_path), "--name", "t"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "t.json").read_text())
+    whats = {(r["batch"], r["what"]) for r in record["rows"]}
+    assert whats == {(b, w) for b in (1, 4) for w in ("base", "merged adapter", "unmerged adapter",
+                                                       "mixed batch, 3 adapters (masked)",
+                                                       "mixed batch, 3 adapters (gather)")}
+    assert all(r["latency_s"] > 0 for r in record["rows"])
+    assert [m["adapters"] for m in record["memory"]] == [1, 8, 64]
+
+
+def test_bench_inference_bad_impl(tiny_bert_dir, tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_inference.py"), "--config",
+                           str(tiny_bert_dir), "--mixed-impls", "masked,nope", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "nope" in done.stderr
+    assert not any(tmp_path.iterdir())

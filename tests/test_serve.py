@@ -10,12 +10,12 @@ import pytest
 from lora_jax import lora, weights
 from lora_jax.cli import predict_main
 from lora_jax.config import TrainConfig
-from lora_jax.model import forward
-from lora_jax.serve import PredictError, Predictor, export_merged, merged_params
+from lora_jax.model import ModelConfig, forward, init_params
+from lora_jax.serve import MIXED_IMPLS, PredictError, Predictor, export_merged, merged_params, mixed_forward, stack_adapters
 from lora_jax.train import fit
 
-from .conftest import write_tiny_checkpoint
-from .test_adapter import batch, trained_leaves
+from .conftest import TINY, write_tiny_checkpoint
+from .test_adapter import batch, jax_logits, trained_leaves
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -48,6 +48,35 @@ def test_merged_export_loads_in_transformers(model_type, tmp_path):
     with torch.no_grad():
         theirs = tm(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
     assert np.abs(theirs - np.asarray(plain["logits"])).max() <= 1e-4
+
+
+@pytest.mark.parametrize("impl", MIXED_IMPLS)
+def test_mixed_forward_equals_each_adapter_alone(impl):
+    # Three adapters of different ranks and targets (zero-padded in the bank); rows name them in
+    # mixed order, and one row is padded, so a row taking another's factors would show.
+    mcfg = ModelConfig(model_type="bert", **{**TINY, "num_labels": 3})
+    params = init_params(mcfg, jax.random.key(0))
+    cfgs = [lora.LoraConfig(rank=2, alpha=4), lora.LoraConfig(rank=4, alpha=4),
+            lora.LoraConfig(rank=4, alpha=8, targets=lora.TARGET_PRESETS["all"])]
+    adapters = [trained_leaves(params, c, seed=s) for s, c in enumerate(cfgs)]
+    for s, ad in enumerate(adapters):  # heads differ too
+        for k in ad:
+            if k.startswith("params/"):
+                ad[k] = ad[k] + 0.1 * s
+    flat = lora.flatten(params)
+    bank, c_max = stack_adapters(flat, list(zip(adapters, cfgs)))
+    frozen = {p: v for p, v in flat.items() if not p.startswith("classifier/")}
+    ids, mask = batch(mcfg.vocab_size, mcfg.pad_token_id)
+    ids, mask = np.concatenate([ids, ids[::-1]]), np.concatenate([mask, mask[::-1]])
+    idx = np.array([0, 2, 1, 1, 0, 2], np.int32)
+    with jax.default_matmul_precision("highest"):
+        mixed = np.asarray(mixed_forward(mcfg, bank, frozen, {"input_ids": ids, "attention_mask": mask},
+                                         jax.numpy.asarray(idx), impl))
+        for row, k in enumerate(idx):
+            alone = jax_logits(mcfg, params, cfgs[k], adapters[k], ids[row:row + 1], mask[row:row + 1])
+            np.testing.assert_allclose(mixed[row], alone[0], atol=1e-5)
+    with pytest.raises(ValueError, match="not one of"):
+        mixed_forward(mcfg, bank, frozen, {"input_ids": ids, "attention_mask": mask}, jax.numpy.asarray(idx), "x")
 
 
 @pytest.fixture(scope="module")
