@@ -23,16 +23,25 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# (AdaLoRA cell, LoRA cell with the same final mean rank on the same matrices)
 def pairs(methods) -> list[tuple[str, str]]:
-    """Each AdaLoRA method (``adalora-tN`` and its variants ``adalora-tN-...``) with LoRA on every
-    linear layer at the same final mean rank, ``lora-all-rN``."""
+    """(AdaLoRA method, LoRA method at the same final mean rank on every linear layer).
+
+    ``adalora-tN`` and its variants ``adalora-tN-...`` pair with ``lora-all-rN`` and with every
+    variant ``lora-all-rN-...`` among ``methods`` (``lora-all-rN`` alone when none is there).
+    """
     out = []
     for m in methods:
         hit = re.fullmatch(r"adalora-t(\d+)(-.+)?", m)
         if hit:
-            out.append((m, f"lora-all-r{hit.group(1)}"))
+            n = hit.group(1)
+            partners = [x for x in methods if re.fullmatch(rf"lora-all-r{n}(-.+)?", x)]
+            out += [(m, x) for x in partners or [f"lora-all-r{n}"]]
     return out
+
+
+def lora_variant(method: str) -> str:
+    """``lora-all-r8-s16`` -> ``lora-all-rN-s16``: the LoRA setting with its rank left open."""
+    return re.sub(r"^lora-all-r\d+", "lora-all-rN", method)
 
 
 def main() -> int:
@@ -57,14 +66,14 @@ def main() -> int:
              "Step-time ratio: AdaLoRA's median step over LoRA's, same grid (same batches, same machine).", "",
              "| task | AdaLoRA | metric | LoRA at the same final budget | metric | Δ | saved params (Ada / LoRA) | "
              "step-time ratio |", "|---|---|---|---|---|---:|---|---:|"]
-    deltas = []
+    deltas: dict[str, list[float]] = {}
     for task in tasks:
         for ada, fixed in pairs(dict.fromkeys(c["method"] for c in summary["cells"])):
             a, b = cells.get((task, ada)), cells.get((task, fixed))
             if not (a and b):
                 continue
             delta = a["dev"]["median"] - b["dev"]["median"]
-            deltas.append(delta)
+            deltas.setdefault(lora_variant(fixed), []).append(delta)
             lines.append(f"| {task} | {ada} | {f(a['dev'])} | {fixed} | {f(b['dev'])} | {delta:+.4f} | "
                          f"{a['trainable_params']:,} / {b['trainable_params']:,} | "
                          f"{a['step_time_s']['median'] / b['step_time_s']['median']:.2f}x |")
@@ -77,8 +86,9 @@ def main() -> int:
                                  f"{a['dev']['median'] - ref['dev']['median']:+.4f} | "
                                  f"{a['trainable_params']:,} / {ref['trainable_params']:,} | "
                                  f"{a['step_time_s']['median'] / ref['step_time_s']['median']:.2f}x |")
-    if deltas:
-        lines += ["", f"Mean Δ at equal budget over {len(deltas)} task x budget pairs: {np.mean(deltas):+.4f}."]
+    for variant, ds in deltas.items():
+        lines += ["", f"Mean Δ at equal budget against `{variant}` over {len(ds)} task x budget pairs: "
+                      f"{np.mean(ds):+.4f}."]
     if args.note:
         lines += ["", f"Note: {args.note}"]
 

@@ -36,6 +36,10 @@ METHODS = {
     "lora-qv-r16": ["--targets", "qv", "--lora-rank", "16", "--lora-alpha", "16"],
     "lora-all-r2": ["--targets", "all", "--lora-rank", "2", "--lora-alpha", "2"],
     "lora-all-r8": ["--targets", "all", "--lora-rank", "8", "--lora-alpha", "8"],
+    # LoRA at the same 16x scale as the adalora-*-s16 variants below: the comparison at equal budget
+    # then differs in the allocation only, not in the scale.
+    "lora-all-r2-s16": ["--targets", "all", "--lora-rank", "2", "--lora-alpha", "32"],
+    "lora-all-r8-s16": ["--targets", "all", "--lora-rank", "8", "--lora-alpha", "128"],
     # AdaLoRA on every linear layer, starting at 1.5x the target mean rank (AdaLoRA's 12 -> 8 ratio).
     "adalora-t2": ["--method", "adalora", "--targets", "all", "--adalora-init-rank", "3",
                    "--adalora-target-rank", "2", "--lora-alpha", "3"],

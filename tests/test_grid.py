@@ -155,8 +155,15 @@ def test_every_grid_method_is_a_valid_training_config():
             # Scale alpha / initial rank: 1 for the paper's setting, 16 for the -s16 variants.
             want = 16.0 if name.endswith("-s16") else 1.0
             assert cfg.method == "adalora" and cfg.lora_alpha / cfg.adalora_init_rank == want, name
+        elif name.startswith("lora-all"):
+            want = 16.0 if name.endswith("-s16") else 1.0
+            assert cfg.lora_alpha / cfg.lora_rank == want, name
 
 
 def test_adaptive_report_pairs_each_adalora_method_with_lora_at_its_budget():
     pairs = _script("adaptive_report").pairs(["lora-qv-r8", "adalora-t2", "adalora-t8-s16", "lora-all-r8", "full"])
     assert pairs == [("adalora-t2", "lora-all-r2"), ("adalora-t8-s16", "lora-all-r8")]
+    # With LoRA at scale 16 in the grid too, each AdaLoRA method meets both settings at its budget.
+    pairs = _script("adaptive_report").pairs(["adalora-t8-s16", "lora-all-r8", "lora-all-r8-s16", "lora-all-r2-s16"])
+    assert pairs == [("adalora-t8-s16", "lora-all-r8"), ("adalora-t8-s16", "lora-all-r8-s16")]
+    assert _script("adaptive_report").lora_variant("lora-all-r8-s16") == "lora-all-rN-s16"
