@@ -48,8 +48,8 @@ class GatheredKernel:
 
     - ``masked``: two dense products over all K adapters at once, ``x @ A`` (d_in, K·r) and, after
       zeroing every column that is not the row's own adapter, ``@ B`` (K·r, d_out). K·r is small
-      (64 for 8 adapters of rank 8), so the K-fold FLOPs cost little, and plain GEMMs replace
-      per-example batched products of width r, which accelerators run poorly.
+      (64 for 8 adapters of rank 8), so the K-fold FLOPs cost little, and two plain GEMMs
+      replace a gather and per-example batched products of width r.
     - ``fused``: as ``masked``, with ``x @ A`` joined to the base product: ``x @ [w | A]``, one
       GEMM (d_out + K·r wide) instead of two.
     - ``gather``: each row's own (d_in, r) and (r, d_out) gathered, then batched products.
