@@ -31,7 +31,7 @@ from .train import make_eval_step
 log = logging.getLogger(__name__)
 
 
-MIXED_IMPLS = ("masked", "gather", "fused")
+MIXED_IMPLS = ("gather", "masked", "fused")
 
 
 @jax.tree_util.register_pytree_node_class
@@ -46,13 +46,17 @@ class GatheredKernel:
 
     ``impl`` picks how the LoRA factors are applied (the results agree to rounding):
 
+    - ``gather`` (the default): each row's own (d_in, r) and (r, d_out) gathered, then batched
+      products.
     - ``masked``: two dense products over all K adapters at once, ``x @ A`` (d_in, K·r) and, after
       zeroing every column that is not the row's own adapter, ``@ B`` (K·r, d_out). K·r is small
       (64 for 8 adapters of rank 8), so the K-fold FLOPs cost little, and two plain GEMMs
       replace a gather and per-example batched products of width r.
     - ``fused``: as ``masked``, with ``x @ A`` joined to the base product: ``x @ [w | A]``, one
       GEMM (d_out + K·r wide) instead of two.
-    - ``gather``: each row's own (d_in, r) and (r, d_out) gathered, then batched products.
+
+    The default is the one measured on an H100 (results/inference/); on the CPU none of the three
+    is clearly ahead, and the others are not yet measured on an accelerator.
 
     ``a``'s layout (d_in, K, r) makes the (d_in, K·r) matrix of ``masked`` a free reshape.
     """
@@ -61,7 +65,7 @@ class GatheredKernel:
     a: jax.Array
     b: jax.Array | None
     idx: jax.Array
-    impl: str = "masked"
+    impl: str = "gather"
 
     def tree_flatten(self):
         return (self.w, self.a, self.b, self.idx), self.impl
@@ -174,7 +178,7 @@ def stack_adapters(base: dict[str, Any], adapters: Sequence[tuple[dict, lora.Lor
 
 
 def mixed_forward(mcfg: ModelConfig, bank: dict, frozen: dict, batch: dict, idx: jax.Array,
-                  impl: str = "masked") -> jax.Array:
+                  impl: str = "gather") -> jax.Array:
     """Logits (B, widest head) for a batch whose row i uses adapter ``idx[i]`` of ``bank``.
 
     ``frozen`` is the flat base without its head; ``mcfg.num_labels`` is the widest head; ``impl``

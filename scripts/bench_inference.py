@@ -31,7 +31,7 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batches", default="1,32")
     p.add_argument("--adapters", type=int, default=8, help="adapters in the mixed batch")
-    p.add_argument("--mixed-impls", default="masked,gather,fused",
+    p.add_argument("--mixed-impls", default="gather,masked,fused",
                    help="mixed-batch strategies to time, comma-separated (lora_jax.serve.MIXED_IMPLS)")
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
