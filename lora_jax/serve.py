@@ -55,8 +55,8 @@ class GatheredKernel:
     - ``fused``: as ``masked``, with ``x @ A`` joined to the base product: ``x @ [w | A]``, one
       GEMM (d_out + K·r wide) instead of two.
 
-    The default is the one measured on an H100 (results/inference/); on the CPU none of the three
-    is clearly ahead, and the others are not yet measured on an accelerator.
+    The default is the one measured on an H100 (results/inference/); on the CPU it is as fast as
+    the others or faster, and they are not yet measured on an accelerator.
 
     ``a``'s layout (d_in, K, r) makes the (d_in, K·r) matrix of ``masked`` a free reshape.
     """
