@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-eval-examples", type=int, help="use only the first N dev examples")
     a("--param-dtype", choices=("float32", "bfloat16"), help="dtype of the frozen base (default float32)")
     a("--compute-dtype", choices=("float32", "bfloat16"), help="matmul dtype (default float32)")
-    a("--remat", choices=("none", "full", "dots"), help="recompute layer activations in backward (default none)")
+    a("--remat", choices=("none", "attention", "cheap", "full", "dots"),
+      help="recompute activations in the backward pass: attention = the attention probabilities, cheap = "
+      "those and the FFN activation, full / dots = each whole layer, saving nothing / the matmul outputs "
+      "(default none)")
     a("--seed", type=int, help=f"default {d.seed}")
     a("--eval-every", type=int, help="evaluate every N steps (default: every epoch)")
     a("--save-every", type=int, help="checkpoint every N steps (default: every epoch, and at the end)")

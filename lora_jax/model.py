@@ -24,6 +24,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -38,8 +39,11 @@ class ModelConfig:
     """The architecture, read from a Hugging Face ``config.json``.
 
     ``dtype`` is the compute dtype (matmuls, activations); LayerNorm statistics
-    and the softmax run in float32 whatever it is. ``remat`` recomputes each
-    layer's activations in the backward pass instead of storing them.
+    and the softmax run in float32 whatever it is. ``remat`` recomputes activations
+    in the backward pass instead of storing them: ``full`` / ``dots`` each whole layer
+    (nothing saved / matmul outputs saved), ``attention`` only the attention scores and
+    probabilities, the largest activations at sequence lengths above the head size,
+    ``cheap`` those and the FFN activation (no dense matmul is recomputed).
     """
 
     model_type: Literal["bert", "roberta"] = "roberta"
@@ -76,6 +80,9 @@ class ModelConfig:
             raise ConfigError(f"unsupported dtype {self.dtype!r}; supported: {', '.join(DTYPES)}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"unknown remat policy {self.remat!r}; choose from {', '.join(REMAT_POLICIES)}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.num_labels < 1:
             raise ConfigError(f"num_labels must be >= 1, got {self.num_labels}")
 
@@ -124,11 +131,14 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
 }
 
-REMAT_POLICIES = {
-    "none": None,
+# "full" and "dots" wrap each whole layer in jax.checkpoint. "attention" recomputes only the
+# attention scores and probabilities (SelfAttention), "cheap" those and the FFN activation
+# (Intermediate): what costs no dense matmul to recompute; everything else is stored as without remat.
+LAYER_REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+REMAT_POLICIES = ("none", "attention", "cheap", *LAYER_REMAT_POLICIES)
 
 
 def _normal(cfg: ModelConfig):
@@ -231,13 +241,38 @@ class SelfAttention(nn.Module):
         q = split(Dense(cfg.hidden_size, cfg, name="query")(x))
         k = split(Dense(cfg.hidden_size, cfg, name="key")(x))
         v = split(Dense(cfg.hidden_size, cfg, name="value")(x))
-        # Scale q (T·H values) rather than the scores (T·T·heads): the same product, a smaller pass.
-        scores = jnp.einsum("bqnd,bknd->bnqk", q * (1.0 / d**0.5), k)
-        # Softmax in float32: bfloat16 logits lose the small differences that matter here.
-        probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(q.dtype)
-        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        out = jnp.einsum("bnqk,bknd->bqnd", probs, v)
-        return out.reshape(*x.shape[:2], cfg.hidden_size)
+        rate = cfg.attention_probs_dropout_prob
+        # Named Dropout_0, the name nn.Dropout had here before, so that the masks do not change.
+        key = None if deterministic or rate == 0.0 else _DropoutKey(name="Dropout_0")()
+        attend = partial(_attend, rate=rate)
+        if cfg.remat in ("attention", "cheap"):
+            # Keep only q, k, v and the 1-byte keep mask; the (B, heads, T, T) float scores and
+            # probabilities (two copies with dropout) are recomputed in the backward pass.
+            attend = jax.checkpoint(attend, policy=jax.checkpoint_policies.save_only_these_names("attention_keep"))
+        return attend(q, k, v, bias, key).reshape(*x.shape[:2], cfg.hidden_size)
+
+
+class _DropoutKey(nn.Module):
+    """The key ``nn.Dropout`` would draw at this module's path (the attention dropout runs
+    outside Flax, inside ``jax.checkpoint``, and must drop what ``nn.Dropout`` dropped)."""
+
+    @nn.compact
+    def __call__(self):
+        return self.make_rng("dropout")
+
+
+def _attend(q, k, v, bias, key, *, rate):
+    """Scaled dot-product attention. q, k, v: (B, T, heads, d); bias: (B, 1, 1, T) additive;
+    key: the dropout key, or None for no dropout. Returns (B, T, heads, d)."""
+    # Scale q (T·H values) rather than the scores (T·T·heads): the same product, a smaller pass.
+    scores = jnp.einsum("bqnd,bknd->bnqk", q * (1.0 / q.shape[-1] ** 0.5), k)
+    # Softmax in float32: bfloat16 logits lose the small differences that matter here.
+    probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(q.dtype)
+    if key is not None:
+        # nn.Dropout's arithmetic, so that both paths give the same numbers.
+        keep = checkpoint_name(jax.random.bernoulli(key, 1.0 - rate, probs.shape), "attention_keep")
+        probs = jax.lax.select(keep, probs / (1.0 - rate), jnp.zeros_like(probs))
+    return jnp.einsum("bnqk,bknd->bqnd", probs, v)
 
 
 class DenseOutput(nn.Module):
@@ -267,7 +302,12 @@ class Intermediate(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return ACTIVATIONS[self.cfg.hidden_act](Dense(self.cfg.intermediate_size, self.cfg, name="dense")(x))
+        act = ACTIVATIONS[self.cfg.hidden_act]
+        if self.cfg.remat == "cheap":
+            # Autodiff of the exact GELU keeps three (B, T, intermediate) arrays of its inner terms
+            # besides its input; recomputing them from the input keeps the input alone.
+            act = jax.checkpoint(act)
+        return act(Dense(self.cfg.intermediate_size, self.cfg, name="dense")(x))
 
 
 class Layer(nn.Module):
@@ -290,9 +330,9 @@ class LayerStack(nn.Module):
     @nn.compact
     def __call__(self, x, bias, *, deterministic):
         block = Layer
-        if self.cfg.remat != "none":
+        if self.cfg.remat in LAYER_REMAT_POLICIES:
             # static_argnums counts the module as argument 0: `deterministic` is a Python bool.
-            block = nn.remat(Layer, policy=REMAT_POLICIES[self.cfg.remat], static_argnums=(3,))
+            block = nn.remat(Layer, policy=LAYER_REMAT_POLICIES[self.cfg.remat], static_argnums=(3,))
         for i in range(self.cfg.num_hidden_layers):
             x = block(self.cfg, name=str(i))(x, bias, deterministic)
         return x

@@ -43,6 +43,27 @@ def compiled_memory(compiled) -> dict[str, int] | None:
     return out
 
 
+def saved_for_backward_bytes(f, primal, *rest) -> int:
+    """Bytes of the arrays JAX's autodiff keeps from the forward pass for the backward pass of
+    ``f(primal, *rest)`` with respect to ``primal``: the residuals of ``jax.vjp``, found by tracing
+    (nothing runs), the arguments themselves (weights, batch) not counted. This is the program
+    JAX hands to XLA; XLA's fusion may store less."""
+
+    def residuals(primal, *rest):
+        return jax.tree.leaves(jax.vjp(lambda p: f(p, *rest), primal)[1])
+
+    from jax.extend.core import Var
+
+    jaxpr = jax.make_jaxpr(residuals)(primal, *rest).jaxpr
+    # A conversion to the same dtype (a weak type made strong) is the same buffer: look through it.
+    same = {e.outvars[0]: e.invars[0] for e in jaxpr.eqns if e.primitive.name == "convert_element_type"
+            and isinstance(e.invars[0], Var) and e.invars[0].aval.dtype == e.outvars[0].aval.dtype}
+    given = set(jaxpr.invars) | set(jaxpr.constvars)
+    # A residual is a variable (not a literal) that the trace produced; each counted once.
+    kept = {same.get(v, v) for v in jaxpr.outvars if isinstance(v, Var)} - given
+    return sum(v.aval.size * v.aval.dtype.itemsize for v in kept)
+
+
 def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 

@@ -110,6 +110,25 @@ def model_params(trainable: dict, frozen: dict, lcfg: lora.LoraConfig, *, mode: 
     return lora.apply(tree["params"], adapters, lcfg, mode=mode, rng=rng)
 
 
+def make_loss_fn(mcfg: ModelConfig, lcfg: lora.LoraConfig, *, mode: str, regression: bool,
+                 ada: adaptive.AdaLoraConfig | None = None) -> Callable:
+    """``loss_fn(trainable, frozen, batch, rng) -> (loss, task_loss)``, dropout on: what the train
+    step differentiates with respect to ``trainable``. With ``ada`` the loss adds the orthogonality
+    regulariser; the task loss is returned beside it for logging."""
+
+    def loss_fn(trainable, frozen, batch, rng):
+        k_lora, k_drop = jax.random.split(rng)
+        params = model_params(trainable, frozen, lcfg, mode=mode, rng=k_lora)
+        logits = forward(mcfg, params, batch, train=True, rng=k_drop)["logits"]
+        loss = task_loss(logits, batch["labels"], regression)
+        if ada is None or ada.orth_reg == 0:
+            return loss, loss
+        reg = adaptive.orthogonality(lora.combine(trainable)["lora"])
+        return loss + ada.orth_reg * reg, loss
+
+    return loss_fn
+
+
 def make_train_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, optimizer, *, mode: str, regression: bool,
                     mesh=None, ada: adaptive.AdaLoraConfig | None = None) -> Callable:
     """``step(state, frozen, batch) -> (state, {"loss", "grad_norm"})``, jitted with ``state`` donated.
@@ -124,15 +143,7 @@ def make_train_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, optimizer, *, mode
     global batch whatever the number of devices.
     """
 
-    def loss_fn(trainable, frozen, batch, rng):
-        k_lora, k_drop = jax.random.split(rng)
-        params = model_params(trainable, frozen, lcfg, mode=mode, rng=k_lora)
-        logits = forward(mcfg, params, batch, train=True, rng=k_drop)["logits"]
-        loss = task_loss(logits, batch["labels"], regression)
-        if ada is None or ada.orth_reg == 0:
-            return loss, loss
-        reg = adaptive.orthogonality(lora.combine(trainable)["lora"])
-        return loss + ada.orth_reg * reg, loss
+    loss_fn = make_loss_fn(mcfg, lcfg, mode=mode, regression=regression, ada=ada)
 
     def step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)

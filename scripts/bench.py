@@ -34,6 +34,8 @@ GRID = [
     ("torch", "full", "fp32"),
     ("torch", "lora", "fp32"),
     ("jax", "lora", "merged"),
+    ("jax", "lora", "remat-attention"),
+    ("jax", "lora", "remat-cheap"),
     ("jax", "lora", "bf16-base"),
     ("jax", "lora", "bf16-base+remat"),
     ("jax", "full", "remat"),
@@ -44,6 +46,8 @@ VARIANTS = {
     # name: (param dtype of the frozen base, compute dtype, remat policy, LoRA forward)
     "fp32": ("float32", "float32", "none", "factored"),
     "merged": ("float32", "float32", "none", "merged"),
+    "remat-attention": ("float32", "float32", "attention", "factored"),
+    "remat-cheap": ("float32", "float32", "cheap", "factored"),
     "bf16-base": ("bfloat16", "float32", "none", "factored"),
     "bf16-base+remat": ("bfloat16", "float32", "full", "factored"),
     "remat": ("float32", "float32", "full", "factored"),
@@ -56,7 +60,8 @@ VARIANTS = {
 JAX_LORA = {"lora": (8, "qv"), "lora-all-r8": (8, "all"), "lora-all-r12": (12, "all"), "adalora": (12, "all")}
 
 LEGEND = """Variants (lora-jax): `fp32` float32 everything, factored LoRA forward x@W + s(x@A)@B; `merged` the same with
-W + sAB formed in the step; `bf16-base` the frozen base stored in bfloat16 (LoRA, head and optimizer state
+W + sAB formed in the step; `remat-attention` / `remat-cheap` fp32 with the attention probabilities / those
+and the FFN activation recomputed in the backward pass (`--remat attention` / `cheap`); `bf16-base` the frozen base stored in bfloat16 (LoRA, head and optimizer state
 float32, compute float32); `+remat` / `remat` per-layer activation rematerialisation (`jax.checkpoint`,
 save nothing); `bf16` bfloat16 base and bfloat16 compute. PyTorch `bf16` is `torch.autocast(bfloat16)` on
 float32 weights. All cells: AdamW, batch and sequence as above, random weights and tokens.
@@ -79,7 +84,7 @@ def run_jax(cell: dict) -> dict:
     from lora_jax import lora, profiling, weights
     from lora_jax.config import TrainConfig
     from lora_jax.model import init_params
-    from lora_jax.train import make_optimizer, make_train_step, new_state, split_for_training
+    from lora_jax.train import make_loss_fn, make_optimizer, make_train_step, new_state, split_for_training
 
     param_dtype, compute, remat, mode = VARIANTS[cell["variant"]]
     mcfg = weights.read_config(Path(cell["config"]), num_labels=2, dtype=compute, remat=remat)
@@ -113,6 +118,9 @@ def run_jax(cell: dict) -> dict:
     }
     batch = jax.device_put(batch)
     frozen = jax.device_put(frozen)
+    loss_fn = make_loss_fn(mcfg, lcfg, mode=mode, regression=False, ada=ada)
+    saved = profiling.saved_for_backward_bytes(lambda t, f, b: loss_fn(t, f, b, jax.random.key(2))[0],
+                                               state.trainable, frozen, batch)
     compile_s, times, compiled = profiling.time_train_step(step, state, frozen, batch, warmup=cell["warmup"],
                                                            steps=cell["steps"])
     return {
@@ -122,6 +130,7 @@ def run_jax(cell: dict) -> dict:
         "compile_s": compile_s,
         "peak_device_bytes": profiling.peak_device_bytes(),
         "xla_memory": profiling.compiled_memory(compiled),
+        "saved_for_backward_bytes": saved,
         "peak_rss_bytes": peak_rss(),
         "versions": profiling.versions("jax", "jaxlib", "flax", "optax"),
         "device": profiling.device_info(),
@@ -166,7 +175,25 @@ def torch_step(cell: dict):
             torch.cuda.synchronize()
         return value
 
-    step.model, step.params = model, params
+    def saved_bytes() -> int:
+        """Bytes of the tensors autograd keeps from one forward pass for the backward pass, the
+        parameters not counted; each storage once (views share their base's)."""
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.zero_grad(set_to_none=True)
+        return sum(storages.values())
+
+    step.model, step.params, step.saved_bytes = model, params, saved_bytes
     return step
 
 
@@ -176,6 +203,7 @@ def run_torch(cell: dict) -> dict:
 
     cuda = torch.cuda.is_available()
     step = torch_step(cell)
+    saved = step.saved_bytes()
     times = []
     for i in range(cell["warmup"] + cell["steps"]):
         t0 = time.perf_counter()
@@ -190,6 +218,7 @@ def run_torch(cell: dict) -> dict:
         "compile_s": None,
         "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "xla_memory": None,
+        "saved_for_backward_bytes": saved,
         "peak_rss_bytes": peak_rss(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      **({"peft": __import__("peft").__version__} if cell["method"] == "lora" else {})},
@@ -245,25 +274,30 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         "Peak memory: GPU rows use the allocator's peak (JAX `memory_stats`, torch `max_memory_allocated`). "
         "CPU rows: for JAX, XLA's compiled memory analysis of the train step (arguments + outputs + temporaries "
-        "- aliased); for both frameworks, the process's peak RSS (includes the runtime and libraries).",
+        "- aliased); for both frameworks, the process's peak RSS (includes the runtime and libraries). "
+        "Saved for backward: what autodiff keeps from the forward pass for the backward pass, parameters not "
+        "counted (JAX: the residuals of `jax.vjp`, found by tracing, before XLA's fusion, which may store "
+        "less; PyTorch: the tensors autograd saves, seen through `saved_tensors_hooks`); the same on any "
+        "device, and the part of peak memory that the activation levers (remat) change.",
         "",
         LEGEND,
         "| framework | method | variant | trainable params | median step (s) | examples/s | peak memory (MiB) "
-        "| XLA analysis (MiB) | peak RSS (MiB) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| XLA analysis (MiB) | peak RSS (MiB) | saved for backward (MiB) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['framework']} | {r['method']} | {r['variant']} | error: {r['error'][:120]} | | | | | |")
+            lines.append(f"| {r['framework']} | {r['method']} | {r['variant']} | error: {r['error'][:120]} | | | | | | |")
             continue
         xla = r["xla_memory"]["total_bytes"] if r.get("xla_memory") else None
         lines.append(
             f"| {r['framework']} | {r['method']} | {r['variant']} | {r['trainable_params']:,} | "
             f"{r['step_time_median_s']:.3f} | {r['examples_per_sec']:.2f} | {mib(r['peak_device_bytes'])} | "
-            f"{mib(xla)} | {mib(r['peak_rss_bytes'])} |"
+            f"{mib(xla)} | {mib(r['peak_rss_bytes'])} | {mib(r.get('saved_for_backward_bytes'))} |"
         )
-    lines += ["", "## Ratios (same run)", "", "| comparison | step time | peak memory (device or XLA) | peak RSS |",
-              "|---|---:|---:|---:|"]
+    lines += ["", "## Ratios (same run)", "",
+              "| comparison | step time | peak memory (device or XLA) | peak RSS | saved for backward |",
+              "|---|---:|---:|---:|---:|"]
     fmt = lambda x: "n/a" if x is None else f"{x:.2f}x"
     pairs = [
         ("lora-jax: LoRA / full (fp32)", find(rows, "jax", "lora", "fp32"), find(rows, "jax", "full", "fp32")),
@@ -277,6 +311,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         ("full fp32: lora-jax / PyTorch", find(rows, "jax", "full", "fp32"), find(rows, "torch", "full", "fp32")),
         ("lora-jax LoRA: merged / factored forward", find(rows, "jax", "lora", "merged"),
          find(rows, "jax", "lora", "fp32")),
+        ("lora-jax LoRA: remat-attention / fp32", find(rows, "jax", "lora", "remat-attention"),
+         find(rows, "jax", "lora", "fp32")),
+        ("lora-jax LoRA: remat-cheap / fp32", find(rows, "jax", "lora", "remat-cheap"),
+         find(rows, "jax", "lora", "fp32")),
         ("AdaLoRA (r 12, all) / LoRA r=12 all (merged)", find(rows, "jax", "adalora", "merged"),
          find(rows, "jax", "lora-all-r12", "merged")),
         ("AdaLoRA (r 12, all) / LoRA r=8 all (merged)", find(rows, "jax", "adalora", "merged"),
@@ -284,7 +322,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     ]
     for name, a, b in pairs:
         lines.append(f"| {name} | {fmt(ratio(a, b, 'step_time_median_s'))} | "
-                     f"{fmt(ratio(a, b, 'peak_memory_bytes'))} | {fmt(ratio(a, b, 'peak_rss_bytes'))} |")
+                     f"{fmt(ratio(a, b, 'peak_memory_bytes'))} | {fmt(ratio(a, b, 'peak_rss_bytes'))} | "
+                     f"{fmt(ratio(a, b, 'saved_for_backward_bytes'))} |")
     lines.append("")
     lines.append("Ratios below 1 mean the first is faster or smaller. Speed-up = 1 / step-time ratio.")
     return "\n".join(lines) + "\n"

@@ -1,5 +1,5 @@
 """The measuring scripts run end to end on a tiny checkpoint and record what they claim to:
-scripts/bench_epoch.py (real-data throughput, buckets vs static padding, lora-jax vs PyTorch) and
+scripts/bench.py (train step, lora-jax vs PyTorch, memory levers), scripts/bench_epoch.py (real-data throughput, buckets vs static padding, lora-jax vs PyTorch) and
 scripts/profile_step.py (per-class step profile in both frameworks) and scripts/bench_inference.py
 (base, merged, unmerged and mixed-adapter serving). Their numbers are not asserted
 as speeds: only the structure, and facts that follow from the padding rules."""
@@ -78,3 +78,19 @@ def test_bench_inference_bad_impl(tiny_bert_dir, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "nope" in done.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_bench_saved_for_backward(tiny_bert_dir, tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(tiny_bert_dir), "--batch", "2",
+           "--seq", "16", "--steps", "1", "--warmup", "1", "--out", str(tmp_path), "--name", "t",
+           "--cells", "jax:lora:fp32,jax:lora:remat-attention,jax:lora:remat-cheap,torch:lora:fp32"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {(r["framework"], r["variant"]): r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
+    assert not [r["error"] for r in rows.values() if "error" in r]
+    saved = {k: r["saved_for_backward_bytes"] for k, r in rows.items()}
+    assert all(v > 0 for v in saved.values()), saved
+    # Each remat policy keeps less for the backward pass than none, "cheap" less than "attention".
+    assert saved["jax", "fp32"] > saved["jax", "remat-attention"] > saved["jax", "remat-cheap"], saved
+    text = (tmp_path / "t.md").read_text()
+    assert "saved for backward" in text and "remat-cheap / fp32" in text

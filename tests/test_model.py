@@ -147,8 +147,40 @@ def test_remat_same_gradients():
         return jax.grad(loss)(params)
 
     ref = grads("none")
-    for policy in ("full", "dots"):
+    for policy in ("attention", "cheap", "full", "dots"):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ref, grads(policy))
+
+
+def test_light_remat_same_dropout_fewer_saved_activations():
+    # Sequence 128 over heads of size 4: the (B, heads, T, T) attention activations dominate.
+    base = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=32, max_position_embeddings=130)
+    params = init_params(ModelConfig(**base), jax.random.key(0))
+    ids, mask, _ = padded_batch(64, 1, b=4, t=128)
+    batch = {"input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32)}
+
+    def run(remat):
+        cfg = ModelConfig(**base, remat=remat)
+        loss = lambda p: forward(cfg, p, batch, train=True, rng=jax.random.key(1))["logits"].sum()
+        value, grads = jax.jit(jax.value_and_grad(loss))(params)
+        # The leaves of the VJP closure are what autodiff keeps for the backward pass (the
+        # parameters among them, the same under every policy).
+        saved = sum(leaf.nbytes for leaf in jax.tree.leaves(jax.vjp(loss, params)[1]))
+        return float(value), grads, saved
+
+    loss_ref, grads_ref, saved_ref = run("none")
+    scores = 2 * 4 * 4 * 128 * 128  # layers x batch x heads x T x T
+    ffn = 2 * 4 * 128 * 32  # layers x batch x T x intermediate
+    saved = {}
+    for remat in ("attention", "cheap"):
+        loss, grads, saved[remat] = run(remat)
+        # The same dropout masks (the same loss to the last bit) and the same gradients.
+        assert loss == loss_ref
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_ref, grads)
+    # At least the float probabilities before and after dropout go (a 1-byte keep mask stays) ...
+    assert saved["attention"] <= saved_ref - 2 * 4 * scores
+    # ... and with "cheap" also at least two float arrays of the FFN width.
+    assert saved["cheap"] <= saved["attention"] - 2 * 4 * ffn
 
 
 def test_dropout_needs_rng_and_is_deterministic_given_it():
@@ -172,6 +204,7 @@ def test_dropout_needs_rng_and_is_deterministic_given_it():
     ("num_attention_heads", 5, "not divisible"),
     ("dtype", "float16", "unsupported dtype"),
     ("remat", "some", "unknown remat"),
+    ("attention_probs_dropout_prob", 1.0, "must be in"),
 ])
 def test_bad_model_config(field, value, match):
     with pytest.raises(ConfigError, match=match):
