@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .model import cast_matmul
+
 Params = dict[str, Any]
 Adapters = dict[str, dict[str, jax.Array]]
 
@@ -247,11 +249,10 @@ class LoraKernel:
         return self.w.dtype
 
     def astype(self, dtype) -> "LoraKernel":
-        # The compute dtype applies to every factor; the fp32 masters stay outside.
-        return LoraKernel(
-            self.w.astype(dtype), self.a.astype(dtype), self.b.astype(dtype),
-            self.key, self.scale, self.dropout,
-        )
+        # The compute dtype applies to the factors (the fp32 masters stay outside). ``w`` keeps
+        # its stored dtype: the product casts it (model.cast_matmul), so a bfloat16 base's cast
+        # copy is not kept for the backward pass.
+        return LoraKernel(self.w, self.a.astype(dtype), self.b.astype(dtype), self.key, self.scale, self.dropout)
 
     def __rmatmul__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
@@ -263,7 +264,7 @@ class LoraKernel:
         # (batch, seq, d) products (two contracting dimensions) in a slow loop.
         rows, h = x.reshape(-1, x.shape[-1]), h.reshape(-1, x.shape[-1])
         low = (h @ self.a.astype(dt)) @ self.b.astype(dt)
-        y = rows @ self.w.astype(dt) + (self.scale * low).astype(dt)
+        y = cast_matmul(rows, self.w) + (self.scale * low).astype(dt)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

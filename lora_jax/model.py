@@ -145,6 +145,26 @@ def _normal(cfg: ModelConfig):
     return nn.initializers.normal(stddev=cfg.initializer_range)
 
 
+def cast_matmul(rows: jax.Array, w: jax.Array) -> jax.Array:
+    """``rows @ w`` in the dtype of ``rows``: (N, d_in) @ (d_in, d_out) -> (N, d_out).
+
+    A ``w`` stored in another dtype (a bfloat16 frozen base under float32 compute) is cast inside
+    a ``jax.checkpoint``, so the backward pass casts it again instead of keeping the cast copy
+    from the forward pass. Without it, autodiff keeps a compute-dtype copy of every such weight
+    alive from its use in the forward pass to the backward pass, all of them at once at the
+    peak, and storing the base in bfloat16 saves little of the step's memory. The recomputation
+    is one cast per weight; the values are the same either way.
+    """
+    if w.dtype == rows.dtype:
+        return rows @ w
+    return _cast_then_matmul(rows, w)
+
+
+@jax.checkpoint
+def _cast_then_matmul(rows, w):
+    return rows @ w.astype(rows.dtype)
+
+
 class Dense(nn.Module):
     """``y = x @ kernel + bias`` with kernel ``(d_in, features)``; matmul in the compute dtype."""
 
@@ -156,16 +176,16 @@ class Dense(nn.Module):
         kernel = self.param("kernel", _normal(self.cfg), (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         dt = DTYPES[self.cfg.dtype]
-        x, kernel = x.astype(dt), kernel.astype(dt)
+        x = x.astype(dt)
         if isinstance(kernel, jax.Array):
             # Rows as one 2-D matrix: (batch, seq, d_in) @ (d_in, f) makes the weight gradients
             # dots with two contracting dimensions, which XLA's CPU backend runs in a slow generic
             # loop instead of its matmul library (2x slower steps for LoRA on every linear layer).
-            y = (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], self.features)
+            y = cast_matmul(x.reshape(-1, x.shape[-1]), kernel).reshape(*x.shape[:-1], self.features)
         else:
             # A kernel object (lora.LoraKernel, serve's per-example kernels) sees the batch layout
             # (per-example adapters need it) and picks its own.
-            y = x @ kernel
+            y = x @ kernel.astype(dt)
         return y + bias.astype(dt)
 
 

@@ -183,12 +183,17 @@ def load_params(
     initialised as HF does, from ``key``. ``param_dtype`` casts the base
     floating-point parameters (e.g. a bfloat16 frozen base).
     """
-    if (directory / SAFETENSORS).is_file():
-        file, tensors = directory / SAFETENSORS, _read_safetensors(directory / SAFETENSORS)
-    elif (directory / MSGPACK).is_file():
-        file, tensors = directory / MSGPACK, _read_msgpack(directory / MSGPACK)
-    else:
-        raise WeightsError(f"{directory} has no weights file ({SAFETENSORS} or {MSGPACK})")
+    # Everything is read, assembled and cast on the host, then each leaf goes to the device once: an
+    # accelerator never holds the throwaway initialisation (a whole model, for a missing head) or
+    # a float32 copy of a bfloat16 base, so its peak memory is what training needs.
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        if (directory / SAFETENSORS).is_file():
+            file, tensors = directory / SAFETENSORS, _read_safetensors(directory / SAFETENSORS)
+        elif (directory / MSGPACK).is_file():
+            file, tensors = directory / MSGPACK, _read_msgpack(directory / MSGPACK)
+        else:
+            raise WeightsError(f"{directory} has no weights file ({SAFETENSORS} or {MSGPACK})")
 
     expected = lora.flatten(param_shapes(cfg))
     report = LoadReport(source=str(file))
@@ -212,11 +217,14 @@ def load_params(
 
     flat = {}
     if report.missing:
-        fresh = lora.flatten(init_params(cfg, key if key is not None else jax.random.key(0)))
-        flat.update({p: fresh[p] for p in report.missing})
-    flat.update({p: jnp.asarray(v) for p, v in loaded.items()})
+        with jax.default_device(cpu):
+            key = jax.device_put(key if key is not None else jax.random.key(0), cpu)
+            fresh = lora.flatten(init_params(cfg, key))
+        flat.update({p: np.asarray(fresh[p]) for p in report.missing})
+    flat.update({p: np.asarray(v) for p, v in loaded.items()})
     dtype = DTYPES[param_dtype]
-    flat = {p: flat[p].astype(dtype) if jnp.issubdtype(flat[p].dtype, jnp.floating) else flat[p] for p in expected}
+    flat = {p: jnp.asarray(flat[p].astype(dtype) if jnp.issubdtype(flat[p].dtype, jnp.floating) else flat[p])
+            for p in expected}
     return lora.unflatten(flat), report
 
 

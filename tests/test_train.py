@@ -157,3 +157,36 @@ def test_warm_start_from_another_tasks_adapter(tiny_bert_dir, glue_dir, tmp_path
         setup(tiny_cfg(tiny_bert_dir, glue_dir, tmp_path, targets="qkvo", init_adapter=init))
     with pytest.raises(AdapterError, match="LoRA scale"):
         setup(tiny_cfg(tiny_bert_dir, glue_dir, tmp_path, lora_alpha=16, init_adapter=init))
+
+
+@pytest.mark.parametrize("mode", ["factored", "merged"])
+def test_bf16_base_keeps_no_float32_weight_copies_for_backward(mode):
+    # Float32 compute on a bfloat16 frozen base casts each weight; autodiff must not keep the casts
+    # from the forward to the backward pass, or the bfloat16 base saves little of the step's peak.
+    from lora_jax import lora
+    from lora_jax.model import ModelConfig, init_params
+    from lora_jax.profiling import saved_for_backward_bytes
+    from lora_jax.train import make_loss_fn, split_for_training
+
+    mcfg = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, max_position_embeddings=40)
+    lcfg = lora.LoraConfig(rank=4, alpha=8)
+    loss_fn = make_loss_fn(mcfg, lcfg, mode=mode, regression=False)
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(3, 64, (4, 16)).astype(np.int32),
+             "attention_mask": np.ones((4, 16), np.int32), "labels": np.array([0, 1, 0, 1], np.int32)}
+    params = init_params(mcfg, jax.random.key(0))
+
+    def run(dtype):
+        base = jax.tree.map(lambda x: x.astype(dtype), params)
+        trainable, frozen, _, _ = split_for_training(base, lcfg, jax.random.key(1))
+        trainable = {k: v + 0.01 for k, v in trainable.items()}  # B != 0: the adapters matter
+        loss = lambda t, f, b: loss_fn(t, f, b, jax.random.key(2))[0]
+        return saved_for_backward_bytes(loss, trainable, frozen, batch), jax.grad(loss)(trainable, frozen, batch)
+
+    saved32, grads32 = run("float32")
+    saved16, grads16 = run("bfloat16")
+    # Factored: the same residuals. Merged: the merged weights W + sAB are kept, in the base's dtype.
+    assert saved16 == saved32 if mode == "factored" else saved16 < saved32
+    # The same computation up to the base's rounding to bfloat16.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0.05, atol=2e-3), grads32, grads16)
