@@ -5,7 +5,7 @@ strategy, see lora_jax.serve.GatheredKernel), at batch 1 and 32.
 
 Random weights of the shape in a config.json and random adapters (LoRA r = 8 on query/value with
 non-zero B, random heads); sequence length fixed. Median over timed calls after warm-up, the clock
-stopped by block_until_ready. Also the memory of one base + N adapters against N merged models,
+stopped by block_until_ready; the cells of one batch size are timed in rounds, one call each in turn. Also the memory of one base + N adapters against N merged models,
 computed from parameter counts in float32 (not measured).
 
     python scripts/bench_inference.py --config ../shared/models/all-MiniLM-L6-v2
@@ -43,9 +43,9 @@ def main() -> int:
         return 2
     try:
         batches = [int(b) for b in args.batches.split(",")]
-        assert all(b > 0 for b in batches) and args.seq > 0 and args.calls > 0 and args.adapters > 0
+        assert all(b > 0 for b in batches) and args.seq > 0 and args.calls > 1 and args.adapters > 0
     except (ValueError, AssertionError):
-        print("error: --batches takes positive integers (1,32); --seq, --calls, --adapters must be > 0",
+        print("error: --batches takes positive integers (1,32); --seq, --adapters must be > 0, --calls > 1",
               file=sys.stderr)
         return 2
     impls = [m for m in args.mixed_impls.split(",") if m]
@@ -90,15 +90,20 @@ def main() -> int:
     factored = jax.jit(lambda prm, ad, b: forward(mcfg, lora.apply(prm, ad, lcfg), b)["logits"])
     mixed = {m: jax.jit(lambda bk, fr, b, i, m=m: mixed_forward(mcfg, bk, fr, b, i, m)) for m in impls}
 
-    def timed(fn, *a):
-        for _ in range(args.warmup):
-            jax.block_until_ready(fn(*a))
-        ts = []
+    def timed_together(cells: dict[str, tuple]) -> dict[str, list[float]]:
+        """Latencies of each ``(fn, *args)``, timed in rounds that call every cell once in turn: a
+        drift of the device's clocks or of the host's load falls on all cells alike, not on
+        whichever happened to run first."""
+        for fn, *a in cells.values():
+            for _ in range(args.warmup):
+                jax.block_until_ready(fn(*a))
+        times = {name: [] for name in cells}
         for _ in range(args.calls):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*a))
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+            for name, (fn, *a) in cells.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(*a))
+                times[name].append(time.perf_counter() - t0)
+        return times
 
     rows = []
     rng = np.random.default_rng(0)
@@ -107,16 +112,19 @@ def main() -> int:
                  "attention_mask": jnp.ones((b, args.seq), jnp.int32)}
         idx = jnp.asarray(np.arange(b) % args.adapters, jnp.int32)
         cells = {
-            "base": timed(plain, params, batch),
-            "merged adapter": timed(plain, merged, batch),
-            "unmerged adapter": timed(factored, tree["params"], tree["lora"], batch),
+            "base": (plain, params, batch),
+            "merged adapter": (plain, merged, batch),
+            "unmerged adapter": (factored, tree["params"], tree["lora"], batch),
         }
         for m, fn in mixed.items():
-            cells[f"mixed batch, {args.adapters} adapters ({m})"] = timed(fn, bank, frozen_no_head, batch, idx)
+            cells[f"mixed batch, {args.adapters} adapters ({m})"] = (fn, bank, frozen_no_head, batch, idx)
+        times = timed_together(cells)
+        cells = {name: statistics.median(t) for name, t in times.items()}
         base_t = cells["base"]
         for name, t in cells.items():
-            rows.append({"batch": b, "seq": args.seq, "what": name, "latency_s": t, "examples_per_sec": b / t,
-                         "vs_base": t / base_t})
+            q1, _, q3 = statistics.quantiles(times[name], n=4)
+            rows.append({"batch": b, "seq": args.seq, "what": name, "latency_s": t, "latency_q1_s": q1,
+                         "latency_q3_s": q3, "examples_per_sec": b / t, "vs_base": t / base_t})
         print(f"[inference] batch {b}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in cells.items()),
               file=sys.stderr)
 
@@ -133,9 +141,12 @@ def main() -> int:
     md = [f"# Inference ({meta['date']})", "", f"Command: `{meta['command']}`  ",
           f"Device: {dev['platform']} ({dev['device_kind']}); {mcfg.model_type}, hidden {mcfg.hidden_size}, "
           f"{mcfg.num_hidden_layers} layers; LoRA r = 8 on query/value; median of {args.calls} calls after "
-          f"{args.warmup} warm-up. Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
-          "| batch | seq | what | latency (ms) | examples/s | vs base |", "|---:|---:|---|---:|---:|---:|"]
-    md += [f"| {r['batch']} | {r['seq']} | {r['what']} | {r['latency_s'] * 1e3:.2f} | {r['examples_per_sec']:.1f} | "
+          f"{args.warmup} warm-up, the cells of a batch size timed in turn, one call each per round (the "
+          "quartiles show the spread). Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+          "", "| batch | seq | what | latency (ms) | quartiles (ms) | examples/s | vs base |",
+          "|---:|---:|---|---:|---:|---:|---:|"]
+    md += [f"| {r['batch']} | {r['seq']} | {r['what']} | {r['latency_s'] * 1e3:.2f} | "
+           f"{r['latency_q1_s'] * 1e3:.2f}-{r['latency_q3_s'] * 1e3:.2f} | {r['examples_per_sec']:.1f} | "
            f"{r['vs_base']:.3f}x |" for r in rows]
     md += ["", "Memory of the weights in float32, computed from parameter counts (not measured):", "",
            "| adapters N | one base + N adapters (MiB) | N merged models (MiB) |", "|---:|---:|---:|"]
