@@ -280,8 +280,9 @@ class Predictor:
         adapter_lib.check_fits({k: v for k, v in trained.items() if not k.startswith("params/classifier/")},
                                lora.unflatten(head_free), f"adapter {name!r}")
         task = data_lib.get_task(meta["task"])
+        # On the device once: host arrays would be copied over again in every call.
         return LoadedAdapter(name, task, mcfg, adapter_lib.lora_config(meta),
-                             {k: np.asarray(v, np.float32) for k, v in trained.items()},
+                             jax.device_put({k: np.asarray(v, np.float32) for k, v in trained.items()}),
                              tuple(meta["label_names"]) or tuple(str(i) for i in range(num_labels)),
                              int(meta.get("max_seq_len") or min(128, mcfg.max_positions)))
 
@@ -351,6 +352,7 @@ class Predictor:
             names = list(self.adapters)
             ads = [self.adapters[n] for n in names]
             arrays, c_max = stack_adapters(lora.flatten(self.params), [(a.trained, a.lcfg) for a in ads])
+            arrays = jax.device_put(arrays)  # once, not in every call
             mcfg = weights.read_config(self.model_dir, num_labels=c_max)
             frozen = {p: v for p, v in lora.flatten(self.params).items() if not p.startswith("classifier/")}
             self._bank = {"names": names, "index": {n: i for i, n in enumerate(names)}, "mcfg": mcfg,

@@ -85,6 +85,10 @@ def main() -> int:
     merged = lora.merge(tree["params"], tree["lora"], lcfg)
     bank, c_max = stack_adapters(flat, [(a, lcfg) for a in adapters])
     frozen_no_head = {k: v for k, v in flat.items() if not k.startswith("classifier/")}
+    # Every input on the device before the clock runs: a host (numpy) leaf would be copied over
+    # in every call and timed as if it were the model's cost.
+    tree, merged, bank = jax.device_put((tree, merged, bank))
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves((params, tree, merged, bank, frozen_no_head)))
 
     plain = jax.jit(lambda prm, b: forward(mcfg, prm, b)["logits"])
     factored = jax.jit(lambda prm, ad, b: forward(mcfg, lora.apply(prm, ad, lcfg), b)["logits"])

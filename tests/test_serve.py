@@ -106,6 +106,8 @@ def test_predictor_switches_adapters_without_recompiling(two_adapters):
         p.predict(["good movie", "bad film"], adapter="sst2")
     assert fn._cache_size() == before
     assert again == rte
+    # The adapters live on the device: no call copies them over again.
+    assert all(isinstance(x, jax.Array) for a in p.adapters.values() for x in jax.tree.leaves(a.trained))
     with pytest.raises(PredictError, match="unknown adapter 'mnli'"):
         p.predict(["x"], adapter="mnli")
 
@@ -116,6 +118,7 @@ def test_mixed_batch_equals_serving_each_alone(two_adapters):
              "it was very good", ("man", "woman"), ("a cat", "the cat sat on the mat")]
     names = ["rte", "sst2", "rte", "sst2", "sst2", "rte", "stsb"]  # 2, 2 and 1 outputs: heads padded
     mixed = p.predict_mixed(texts, names)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(p.adapter_bank()["arrays"]))
     for t, n, m in zip(texts, names, mixed):
         alone = p.predict([t], adapter=n)[0]
         if n == "stsb":
