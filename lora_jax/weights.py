@@ -186,7 +186,7 @@ def load_params(
     # Everything is read, assembled and cast on the host, then each leaf goes to the device once: an
     # accelerator never holds the throwaway initialisation (a whole model, for a missing head) or
     # a float32 copy of a bfloat16 base, so its peak memory is what training needs.
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]
     with jax.default_device(cpu):
         if (directory / SAFETENSORS).is_file():
             file, tensors = directory / SAFETENSORS, _read_safetensors(directory / SAFETENSORS)
