@@ -61,7 +61,8 @@ VARIANTS = {
 # (importance EMAs, budget, masks) and orthogonality regulariser run in every step.
 JAX_LORA = {"lora": (8, "qv"), "lora-all-r8": (8, "all"), "lora-all-r12": (12, "all"), "adalora": (12, "all")}
 
-LEGEND = """Variants (lora-jax): `fp32` float32 everything, factored LoRA forward x@W + s(x@A)@B; `merged` the same with
+LEGEND = """Variants (lora-jax): `fp32` float32 everything, factored LoRA forward x@W + s(x@A)@B, every activation
+kept (`--remat none`; train.py's default is `cheap`, the `remat-cheap` cell); `merged` the same with
 W + sAB formed in the step; `remat-attention` / `remat-cheap` fp32 with the attention probabilities / those
 and the FFN activation recomputed in the backward pass (`--remat attention` / `cheap`); `bf16-base` the frozen base stored in bfloat16 (LoRA, head and optimizer state
 float32, compute float32); `+remat` / `remat` per-layer activation rematerialisation (`jax.checkpoint`,
@@ -103,14 +104,14 @@ def run_jax(cell: dict) -> dict:
     svd = method == "adalora"
     # Initialised, cast and split on the host, then placed once, as a checkpoint is loaded
     # (weights.load_params) and as the PyTorch cells do: the device's peak is the training's.
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]
     with jax.default_device(cpu):
         params = init_params(mcfg, jax.device_put(jax.random.key(0), cpu))
         params = jax.tree.map(lambda x: x.astype(param_dtype), params)
         trainable, frozen, label_of, counts = split_for_training(params, lcfg, jax.device_put(jax.random.key(1), cpu),
                                                                  svd=svd)
     del params
-    trainable, frozen = jax.device_put((trainable, frozen), jax.devices()[0])
+    trainable, frozen = jax.device_put((trainable, frozen), jax.local_devices()[0])
     tcfg = TrainConfig(lr=1e-4, warmup_ratio=0.0)
     optimizer = make_optimizer(label_of, tcfg, 1000)
     state = new_state(trainable, optimizer, 0, adalora=svd)
@@ -294,8 +295,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "- aliased); for both frameworks, the process's peak RSS (includes the runtime and libraries). "
         "Saved for backward: what autodiff keeps from the forward pass for the backward pass, parameters not "
         "counted (JAX: the residuals of `jax.vjp`, found by tracing, before XLA's fusion, which may store "
-        "less; PyTorch: the tensors autograd saves, seen through `saved_tensors_hooks`); the same on any "
-        "device, and the part of peak memory that the activation levers (remat) change.",
+        "less; PyTorch: the tensors autograd saves, seen through `saved_tensors_hooks`); JAX's is the same on "
+        "any device, PyTorch's depends on the kernels it picks there (e.g. its attention); the part of peak "
+        "memory that the activation levers (remat) change.",
         "",
         LEGEND,
         "| framework | method | variant | trainable params | median step (s) | examples/s | peak memory (MiB) "
@@ -357,7 +359,9 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if "error" not in r]
-    labels = [f"{r['framework']}\n{r['method']}\n{r['variant']}" for r in ok]
+    # Variant names broken at '-' and '+' so that neighbouring labels do not run into each other.
+    labels = [f"{r['framework']}\n{r['method']}\n" + r["variant"].replace("-", "-\n").replace("+", "+\n")
+              for r in ok]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(ok)), 4.5))
     axes[0].bar(labels, [r["step_time_median_s"] for r in ok], color=["C0" if r["framework"] == "jax" else "C1" for r in ok])
     axes[0].set_ylabel("median step time (s)")
