@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--rslora", action="store_const", const=True, help="scale by alpha/sqrt(r) instead of alpha/r")
     a("--lora-forward", choices=("auto", "factored", "merged"),
       help="how the train step applies LoRA: merged W + sAB (auto's choice: faster) or factored "
-           "x@W + s(x@A)@B (needed for --lora-dropout)")
+           "x@W + s(x@A)@B (auto's choice with --lora-dropout or a bfloat16 --param-dtype)")
     ada = p.add_argument_group(
         "adaptive rank (--method adalora)",
         "AdaLoRA: every target starts at the initial rank; a global budget falls on a cubic schedule to the "
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--remat", choices=("none", "attention", "cheap", "full", "dots"),
       help="recompute activations in the backward pass: attention = the attention probabilities, cheap = "
       "those and the FFN activation, full / dots = each whole layer, saving nothing / the matmul outputs "
-      "(default none)")
+      "(default cheap; none keeps every activation)")
     a("--seed", type=int, help=f"default {d.seed}")
     a("--eval-every", type=int, help="evaluate every N steps (default: every epoch)")
     a("--save-every", type=int, help="checkpoint every N steps (default: every epoch, and at the end)")

@@ -190,3 +190,11 @@ def test_bf16_base_keeps_no_float32_weight_copies_for_backward(mode):
     assert saved16 == saved32 if mode == "factored" else saved16 < saved32
     # The same computation up to the base's rounding to bfloat16.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0.05, atol=2e-3), grads32, grads16)
+
+
+def test_auto_forward_mode():
+    assert TrainConfig().forward_mode() == "merged"
+    assert TrainConfig(lora_dropout=0.1).forward_mode() == "factored"  # dropout needs the LoRA path
+    # A bfloat16 base would hold W + sAB in bfloat16, where an early small update rounds away.
+    assert TrainConfig(param_dtype="bfloat16").forward_mode() == "factored"
+    assert TrainConfig(param_dtype="bfloat16", lora_forward="merged").forward_mode() == "merged"
