@@ -10,6 +10,7 @@ import sys
 from importlib import metadata
 
 import jax
+from jax.extend.core import Var
 
 
 def peak_rss_bytes() -> int:
@@ -51,8 +52,6 @@ def saved_for_backward_bytes(f, primal, *rest) -> int:
 
     def residuals(primal, *rest):
         return jax.tree.leaves(jax.vjp(lambda p: f(p, *rest), primal)[1])
-
-    from jax.extend.core import Var
 
     jaxpr = jax.make_jaxpr(residuals)(primal, *rest).jaxpr
     # A conversion to the same dtype (a weak type made strong) is the same buffer: look through it.

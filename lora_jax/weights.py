@@ -174,6 +174,12 @@ def _read_msgpack(file: Path) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- loading
 
 
+def host_device() -> jax.Device:
+    """This process's CPU device, where weights are built and cast before going to an accelerator once
+    (``jax.devices("cpu")[0]`` would be process 0's in a multi-process run)."""
+    return jax.local_devices(backend="cpu")[0]
+
+
 def load_params(
     directory: Path, cfg: ModelConfig, *, key: jax.Array | None = None, param_dtype: str = "float32"
 ) -> tuple[dict, LoadReport]:
@@ -186,7 +192,7 @@ def load_params(
     # Everything is read, assembled and cast on the host, then each leaf goes to the device once: an
     # accelerator never holds the throwaway initialisation (a whole model, for a missing head) or
     # a float32 copy of a bfloat16 base, so its peak memory is what training needs.
-    cpu = jax.local_devices(backend="cpu")[0]
+    cpu = host_device()
     with jax.default_device(cpu):
         if (directory / SAFETENSORS).is_file():
             file, tensors = directory / SAFETENSORS, _read_safetensors(directory / SAFETENSORS)

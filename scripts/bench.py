@@ -104,7 +104,7 @@ def run_jax(cell: dict) -> dict:
     svd = method == "adalora"
     # Initialised, cast and split on the host, then placed once, as a checkpoint is loaded
     # (weights.load_params) and as the PyTorch cells do: the device's peak is the training's.
-    cpu = jax.local_devices(backend="cpu")[0]
+    cpu = weights.host_device()
     with jax.default_device(cpu):
         params = init_params(mcfg, jax.device_put(jax.random.key(0), cpu))
         params = jax.tree.map(lambda x: x.astype(param_dtype), params)
@@ -318,32 +318,25 @@ def markdown(rows: list[dict], meta: dict) -> str:
               "| comparison | step time | peak memory (device or XLA) | peak RSS | saved for backward |",
               "|---|---:|---:|---:|---:|"]
     fmt = lambda x: "n/a" if x is None else f"{x:.2f}x"
+    # (label, first cell, second cell): each cell is (framework, method, variant).
     pairs = [
-        ("lora-jax: LoRA / full (fp32)", find(rows, "jax", "lora", "fp32"), find(rows, "jax", "full", "fp32")),
-        ("lora-jax: LoRA bf16-base+remat / full remat", find(rows, "jax", "lora", "bf16-base+remat"),
-         find(rows, "jax", "full", "remat")),
-        ("lora-jax: LoRA bf16-base+remat / full fp32", find(rows, "jax", "lora", "bf16-base+remat"),
-         find(rows, "jax", "full", "fp32")),
-        ("lora-jax: LoRA bf16-base+cheap / full remat", find(rows, "jax", "lora", "bf16-base+cheap"),
-         find(rows, "jax", "full", "remat")),
-        ("PyTorch: LoRA / full (fp32)", find(rows, "torch", "lora", "fp32"), find(rows, "torch", "full", "fp32")),
-        ("LoRA fp32: lora-jax / PyTorch+peft", find(rows, "jax", "lora", "fp32"), find(rows, "torch", "lora", "fp32")),
-        ("LoRA bf16: lora-jax / PyTorch+peft", find(rows, "jax", "lora", "bf16"), find(rows, "torch", "lora", "bf16")),
-        ("full fp32: lora-jax / PyTorch", find(rows, "jax", "full", "fp32"), find(rows, "torch", "full", "fp32")),
-        ("lora-jax LoRA: merged / factored forward", find(rows, "jax", "lora", "merged"),
-         find(rows, "jax", "lora", "fp32")),
-        ("lora-jax LoRA: remat-attention / fp32", find(rows, "jax", "lora", "remat-attention"),
-         find(rows, "jax", "lora", "fp32")),
-        ("lora-jax LoRA: remat-cheap / fp32", find(rows, "jax", "lora", "remat-cheap"),
-         find(rows, "jax", "lora", "fp32")),
-        ("LoRA: lora-jax remat-cheap / PyTorch+peft fp32", find(rows, "jax", "lora", "remat-cheap"),
-         find(rows, "torch", "lora", "fp32")),
-        ("AdaLoRA (r 12, all) / LoRA r=12 all (merged)", find(rows, "jax", "adalora", "merged"),
-         find(rows, "jax", "lora-all-r12", "merged")),
-        ("AdaLoRA (r 12, all) / LoRA r=8 all (merged)", find(rows, "jax", "adalora", "merged"),
-         find(rows, "jax", "lora-all-r8", "merged")),
+        ("lora-jax: LoRA / full (fp32)", ("jax", "lora", "fp32"), ("jax", "full", "fp32")),
+        ("lora-jax: LoRA bf16-base+remat / full remat", ("jax", "lora", "bf16-base+remat"), ("jax", "full", "remat")),
+        ("lora-jax: LoRA bf16-base+remat / full fp32", ("jax", "lora", "bf16-base+remat"), ("jax", "full", "fp32")),
+        ("lora-jax: LoRA bf16-base+cheap / full remat", ("jax", "lora", "bf16-base+cheap"), ("jax", "full", "remat")),
+        ("PyTorch: LoRA / full (fp32)", ("torch", "lora", "fp32"), ("torch", "full", "fp32")),
+        ("LoRA fp32: lora-jax / PyTorch+peft", ("jax", "lora", "fp32"), ("torch", "lora", "fp32")),
+        ("LoRA bf16: lora-jax / PyTorch+peft", ("jax", "lora", "bf16"), ("torch", "lora", "bf16")),
+        ("full fp32: lora-jax / PyTorch", ("jax", "full", "fp32"), ("torch", "full", "fp32")),
+        ("lora-jax LoRA: merged / factored forward", ("jax", "lora", "merged"), ("jax", "lora", "fp32")),
+        ("lora-jax LoRA: remat-attention / fp32", ("jax", "lora", "remat-attention"), ("jax", "lora", "fp32")),
+        ("lora-jax LoRA: remat-cheap / fp32", ("jax", "lora", "remat-cheap"), ("jax", "lora", "fp32")),
+        ("LoRA: lora-jax remat-cheap / PyTorch+peft fp32", ("jax", "lora", "remat-cheap"), ("torch", "lora", "fp32")),
+        ("AdaLoRA (r 12, all) / LoRA r=12 all (merged)", ("jax", "adalora", "merged"), ("jax", "lora-all-r12", "merged")),
+        ("AdaLoRA (r 12, all) / LoRA r=8 all (merged)", ("jax", "adalora", "merged"), ("jax", "lora-all-r8", "merged")),
     ]
-    for name, a, b in pairs:
+    for name, first, second in pairs:
+        a, b = find(rows, *first), find(rows, *second)
         lines.append(f"| {name} | {fmt(ratio(a, b, 'step_time_median_s'))} | "
                      f"{fmt(ratio(a, b, 'peak_memory_bytes'))} | {fmt(ratio(a, b, 'peak_rss_bytes'))} | "
                      f"{fmt(ratio(a, b, 'saved_for_backward_bytes'))} |")
