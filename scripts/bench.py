@@ -55,6 +55,8 @@ VARIANTS = {
     "remat": ("float32", "float32", "full", "factored"),
     "bf16": ("bfloat16", "bfloat16", "none", "factored"),
 }
+# PyTorch cells: `fp32`, `bf16` (autocast) and `remat` (transformers' activation checkpointing per layer).
+TORCH_VARIANTS = ("fp32", "bf16", "remat")
 
 
 # lora-jax adapter methods: (rank, target preset). "adalora" is the initial shape; its allocator
@@ -67,7 +69,8 @@ W + sAB formed in the step; `remat-attention` / `remat-cheap` fp32 with the atte
 and the FFN activation recomputed in the backward pass (`--remat attention` / `cheap`); `bf16-base` the frozen base stored in bfloat16 (LoRA, head and optimizer state
 float32, compute float32); `+remat` / `remat` per-layer activation rematerialisation (`jax.checkpoint`,
 save nothing); `+cheap` the `remat-cheap` recomputation on a bfloat16 base; `bf16` bfloat16 base and
-bfloat16 compute. PyTorch `bf16` is `torch.autocast(bfloat16)` on float32 weights. All cells: AdamW,
+bfloat16 compute. PyTorch `bf16` is `torch.autocast(bfloat16)` on float32 weights; PyTorch `remat` is
+transformers' gradient checkpointing of every layer (non-reentrant; only each layer's input kept). All cells: AdamW,
 batch and sequence as above, random weights and tokens; both frameworks build the weights on the host
 and move them to the device once, so a device's peak is the training's own.
 Methods (lora-jax): `lora` r = 8 on query and value; `lora-all-r8` / `lora-all-r12` r = 8 / 12 on every
@@ -168,6 +171,14 @@ def torch_step(cell: dict):
 
         model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
                                                            target_modules=["query", "value"]))
+    if cell["variant"] == "remat":
+        # Non-reentrant: the reentrant form passes no gradient to LoRA factors inside a checkpointed
+        # layer when the layer's input (from frozen embeddings) needs none.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.to(dev).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -324,6 +335,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         ("lora-jax: LoRA bf16-base+remat / full remat", ("jax", "lora", "bf16-base+remat"), ("jax", "full", "remat")),
         ("lora-jax: LoRA bf16-base+remat / full fp32", ("jax", "lora", "bf16-base+remat"), ("jax", "full", "fp32")),
         ("lora-jax: LoRA bf16-base+cheap / full remat", ("jax", "lora", "bf16-base+cheap"), ("jax", "full", "remat")),
+        ("lora-jax: LoRA remat / full remat", ("jax", "lora", "remat"), ("jax", "full", "remat")),
         ("PyTorch: LoRA / full (fp32)", ("torch", "lora", "fp32"), ("torch", "full", "fp32")),
         ("LoRA fp32: lora-jax / PyTorch+peft", ("jax", "lora", "fp32"), ("torch", "lora", "fp32")),
         ("LoRA bf16: lora-jax / PyTorch+peft", ("jax", "lora", "bf16"), ("torch", "lora", "bf16")),
@@ -332,6 +344,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         ("lora-jax LoRA: remat-attention / fp32", ("jax", "lora", "remat-attention"), ("jax", "lora", "fp32")),
         ("lora-jax LoRA: remat-cheap / fp32", ("jax", "lora", "remat-cheap"), ("jax", "lora", "fp32")),
         ("LoRA: lora-jax remat-cheap / PyTorch+peft fp32", ("jax", "lora", "remat-cheap"), ("torch", "lora", "fp32")),
+        ("LoRA, both remat: lora-jax / PyTorch+peft", ("jax", "lora", "remat"), ("torch", "lora", "remat")),
+        ("LoRA: lora-jax bf16-base+remat / PyTorch+peft remat", ("jax", "lora", "bf16-base+remat"),
+         ("torch", "lora", "remat")),
         ("AdaLoRA (r 12, all) / LoRA r=12 all (merged)", ("jax", "adalora", "merged"), ("jax", "lora-all-r12", "merged")),
         ("AdaLoRA (r 12, all) / LoRA r=8 all (merged)", ("jax", "adalora", "merged"), ("jax", "lora-all-r8", "merged")),
     ]
@@ -398,11 +413,12 @@ def main() -> int:
         try:
             grid = [tuple(c.split(":")) for c in args.cells.split(",")]
             assert all(len(c) == 3 and c[2] in VARIANTS and (
-                (c[0] == "jax" and c[1] in ("full", *JAX_LORA)) or (c[0] == "torch" and c[1] in ("lora", "full")))
+                (c[0] == "jax" and c[1] in ("full", *JAX_LORA)) or (c[0] == "torch" and c[1] in ("lora", "full") and c[2] in TORCH_VARIANTS))
                 for c in grid)
         except AssertionError:
             print(f"error: --cells takes framework:method:variant with jax methods full, {', '.join(JAX_LORA)}, "
-                  f"torch methods lora, full, and variants {', '.join(VARIANTS)}",
+                  f"torch methods lora, full; jax variants {', '.join(VARIANTS)}; torch variants "
+                  f"{', '.join(TORCH_VARIANTS)}",
                   file=sys.stderr)
             return 2
     import datetime

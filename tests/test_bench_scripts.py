@@ -84,7 +84,7 @@ def test_bench_saved_for_backward(tiny_bert_dir, tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(tiny_bert_dir), "--batch", "2",
            "--seq", "16", "--steps", "1", "--warmup", "1", "--out", str(tmp_path), "--name", "t",
            "--cells", "jax:lora:fp32,jax:lora:remat-attention,jax:lora:remat-cheap,jax:lora:bf16-base+cheap,"
-           "torch:lora:fp32"]
+           "torch:lora:fp32,torch:lora:remat"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {(r["framework"], r["variant"]): r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
@@ -95,5 +95,15 @@ def test_bench_saved_for_backward(tiny_bert_dir, tmp_path):
     assert saved["jax", "fp32"] > saved["jax", "remat-attention"] > saved["jax", "remat-cheap"], saved
     # A bfloat16 base under float32 compute keeps no float32 copies of its weights.
     assert saved["jax", "bf16-base+cheap"] == saved["jax", "remat-cheap"], saved
+    # PyTorch's activation checkpointing keeps only each layer's input, and still trains the LoRA factors.
+    assert saved["torch", "remat"] < saved["torch", "fp32"], saved
+    assert rows["torch", "remat"]["trainable_params"] == rows["torch", "fp32"]["trainable_params"]
     text = (tmp_path / "t.md").read_text()
-    assert "saved for backward" in text and "remat-cheap / fp32" in text and "Cells run: 5 of 5" in text
+    assert "saved for backward" in text and "remat-cheap / fp32" in text and "Cells run: 6 of 6" in text
+
+
+def test_bench_rejects_jax_only_variant_for_torch(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--cells", "torch:lora:remat-cheap",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "torch variants" in done.stderr
+    assert not any(tmp_path.iterdir())
