@@ -84,11 +84,12 @@ def run_cell(cell: str, args) -> dict:
         "tokens_per_s": r["train_tokens_per_sec"],
         "step_time_median_s": r["step_time_median_s"],
         "wall_time_s": r["wall_time_s"],
+        "compile_s": r.get("compile_time_s"),  # lora-jax's train steps; PyTorch compiles nothing
         "padding_share": padded,
         "dev": {metric: r["metrics"][split]["final"]["values"][metric]},
         "peak_rss_bytes": r["memory"]["peak_rss_bytes"],
         "versions": r["versions"],
-        "device": r["device"] if "device" in r else None,
+        "device": r["device"],
         "command": " ".join(["python", *[os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c
                                           for c in cmd[1:]]]),
     }
@@ -100,24 +101,27 @@ def markdown(record: dict) -> str:
         f"# Training throughput on {record['task']} ({record['date']})",
         "",
         f"Command: `{record['command']}`  ",
+        f"Cells run: {record.get('cells_run', 'all')}  ",
         f"Device: {record['device']}; model `{record['model']}`; LoRA r = 8 on query, value; batch "
         f"{record['batch_size']}, max length {record['max_seq_len']}; versions {record['versions']}.",
         "",
         "Examples/s over the timed steps (each shape's first step and compilation excluded). "
         "`full epoch` no: the first N batches of the epoch's random batch order, an estimate of the epoch's rate.",
         "",
-        "| cell | steps | full epoch | examples/s | tokens/s | median step (s) | padding share | wall (s) | dev |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "| cell | steps | full epoch | examples/s | tokens/s | median step (s) | padding share | wall (s) | "
+        "compile (s) | dev |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         pad = "n/a" if r["padding_share"] is None else f"{r['padding_share']:.2f}"
         dev = ", ".join(f"{k} {v:.4f}" for k, v in r["dev"].items())
+        compiled = "n/a" if r.get("compile_s") is None else f"{r['compile_s']:.0f}"
         lines.append(f"| {r['cell']} | {r['steps']} | {'yes' if r['full_epoch'] else 'no'} | "
                      f"{r['examples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['step_time_median_s']:.3f} | {pad} | "
-                     f"{r['wall_time_s']:.0f} | {dev} |")
+                     f"{r['wall_time_s']:.0f} | {compiled} | {dev} |")
     for r in record["rows"]:
         if "error" in r:
-            lines.append(f"| {r['cell']} | error: {r['error'][:100]} | | | | | | | |")
+            lines.append(f"| {r['cell']} | error: {r['error'][:100]} | | | | | | | | |")
     if record.get("ratios"):
         lines += ["", "| ratio (examples/s) | value |", "|---|---:|"]
         lines += [f"| {k} | {v:.2f}x |" for k, v in record["ratios"].items()]
@@ -187,34 +191,41 @@ def main() -> int:
             return 2
 
     from lora_jax import profiling
+    from lora_jax.report import write_text
 
-    rows = [run_cell(c, args) for c in cells]
-    ok = [r for r in rows if "error" not in r]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for c in cells:
+        rows.append(run_cell(c, args))
+        ok = [r for r in rows if "error" not in r]
+        if not ok:
+            continue
+        # The device as the cells' runs saw it (a lora-jax cell's first): this process does not start
+        # JAX, whose memory preallocation on a GPU would take what the cells' processes need.
+        device = next(r["device"] for r in sorted(ok, key=lambda r: not r["cell"].startswith("jax")))
+        stem = args.name or f"{args.task}-b{args.batch_size}-{device['platform']}"
+        record = {
+            "command": " ".join(["python", "scripts/bench_epoch.py", *sys.argv[1:]]),
+            "date": profiling.now(),
+            "cells_run": f"{len(rows)} of {len(cells)}",
+            "task": args.task,
+            "model": os.path.relpath(args.model, ROOT) if Path(args.model).exists() else args.model,
+            "batch_size": args.batch_size,
+            "max_seq_len": args.max_seq_len,
+            "device": f"{device['platform']} ({device.get('device_kind', '?')}, host {device.get('host', '?')})",
+            "versions": {**next((r["versions"] for r in ok if r["cell"].startswith("torch")), {}),
+                         **next((r["versions"] for r in ok if r["cell"].startswith("jax")), {})},
+            "rows": rows,
+            "ratios": ratios(rows),
+        }
+        record["versions"] = {k: v for k, v in record["versions"].items() if v}
+        # Rewritten after every cell, so that a run cut short keeps the cells it finished.
+        write_text(out / f"{stem}.json", json.dumps(record, indent=2) + "\n")
+        write_text(out / f"{stem}.md", markdown(record))
     if not ok:
         print("error: no cell finished", file=sys.stderr)
         return 1
-    device = profiling.device_info()
-    record = {
-        "command": " ".join(["python", "scripts/bench_epoch.py", *sys.argv[1:]]),
-        "date": profiling.now(),
-        "task": args.task,
-        "model": os.path.relpath(args.model, ROOT) if Path(args.model).exists() else args.model,
-        "batch_size": args.batch_size,
-        "max_seq_len": args.max_seq_len,
-        "device": f"{device['platform']} ({device['device_kind']}, host {device['host']})",
-        "versions": {**next((r["versions"] for r in ok if r["cell"].startswith("torch")), {}),
-                     **next((r["versions"] for r in ok if r["cell"].startswith("jax")), {})},
-        "rows": rows,
-        "ratios": ratios(rows),
-    }
-    record["versions"] = {k: v for k, v in record["versions"].items() if v}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"{args.task}-b{args.batch_size}-{device['platform']}"
-    from lora_jax.report import write_text
-
-    write_text(out / f"{stem}.json", json.dumps(record, indent=2) + "\n")
-    write_text(out / f"{stem}.md", markdown(record))
     plot(record, out / f"{stem}.png")
     print(markdown(record))
     return 0 if len(ok) == len(rows) else 1

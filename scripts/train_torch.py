@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import resource
 import shutil
 import sys
@@ -190,7 +191,10 @@ def main() -> int:
     tokenizer = data_lib.load_tokenizer(args.model)
     train = data_lib.encode(tokenizer, train_ex, args.max_seq_len)
     dev = {s: data_lib.encode(tokenizer, e, args.max_seq_len) for s, e in dev_ex.items()}
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=task.num_labels)
+    # float32 whatever the checkpoint stores (transformers 5 would otherwise keep a float16 file's dtype),
+    # as lora-jax trains.
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=task.num_labels,
+                                                                            dtype=torch.float32)
     spe = len(train) // args.batch_size
     n_steps = args.max_steps or max(1, math.ceil(args.epochs * spe))
     if args.method == "adalora":
@@ -209,6 +213,9 @@ def main() -> int:
             target_modules=PEFT_TARGETS[args.targets]))
     if args.same_init:
         load_same_init(model, args, task.num_labels)
+    # A GPU when torch sees one (the CPU wheel never does); the clock stops after loss.item(), which waits.
+    dev_type = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(dev_type)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for _, p in trainable)
     decay = [p for n, p in trainable if not (n.endswith("bias") or "LayerNorm" in n)]
@@ -230,20 +237,22 @@ def main() -> int:
         batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
         if model.config.model_type != "roberta":
             batch["token_type_ids"] = torch.from_numpy(types)
-        return batch
+        return {k: v.to(dev_type) for k, v in batch.items()}
 
     step, times, examples, tokens = 0, [], 0, 0
     log = []
     resumed = False
     if args.resume:
-        ckpt = torch.load(ckpt_file, weights_only=False)
+        ckpt = torch.load(ckpt_file, weights_only=False, map_location=dev_type)
         named = dict(trainable)
         with torch.no_grad():
             for name, value in ckpt["trainable"].items():
                 named[name].copy_(value)
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
-        torch.set_rng_state(ckpt["rng"])
+        torch.set_rng_state(ckpt["rng"].cpu())
+        if dev_type == "cuda" and "cuda_rng" in ckpt:  # the GPU's dropout draws from its own generator
+            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
         step, times, examples, tokens, log = (ckpt[k] for k in ("step", "times", "examples", "tokens", "log"))
         resumed = True
     else:  # --overwrite: an old run's checkpoint must not be resumed into this one
@@ -255,6 +264,7 @@ def main() -> int:
         tmp = out / "checkpoint.pt.tmp"
         torch.save({"args": run_args, "step": step, "trainable": {n: q.detach().clone() for n, q in trainable},
                     "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state(),
+                    **({"cuda_rng": torch.cuda.get_rng_state()} if dev_type == "cuda" else {}),
                     "times": times, "examples": examples, "tokens": tokens, "log": log}, tmp)
         os.replace(tmp, ckpt_file)
         # The settings, readable before torch and the model load (checked first by --resume).
@@ -271,7 +281,7 @@ def main() -> int:
             if step >= n_steps:
                 break
             batch = tensors(train, idx, args.max_seq_len if args.num_buckets == 0 else None)
-            labels = torch.from_numpy(np.asarray(train.labels[idx]))
+            labels = torch.from_numpy(np.asarray(train.labels[idx])).to(dev_type)
             t0 = time.perf_counter()
             logits = model(**batch).logits
             if task.is_regression:
@@ -312,7 +322,7 @@ def main() -> int:
         for split, enc in dev.items():
             preds = np.zeros(len(enc), np.float32 if task.is_regression else np.int64)
             for idx in data_lib.eval_order(enc.lengths, 64):
-                logits = model(**tensors(enc, idx)).logits.numpy()
+                logits = model(**tensors(enc, idx)).logits.float().cpu().numpy()
                 preds[idx] = metrics.predictions_from_logits(logits, task.is_regression)
             results[split] = metrics.compute(task.metrics, preds, enc.labels)
 
@@ -338,12 +348,15 @@ def main() -> int:
         "train_examples_per_sec": examples / sum(times) if times else None,
         "train_tokens_per_sec": tokens / sum(times) if times else None,
         "step_time_median_s": float(np.median(times)) if times else None,
-        "memory": {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+        "memory": {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                   "peak_device_bytes": torch.cuda.max_memory_allocated() if dev_type == "cuda" else None},
         "wall_time_s": time.perf_counter() - t_start,  # of this process (a resumed run: since the resume)
         "resumed": resumed,
         "config": vars(args),
         "versions": {**profiling.versions("torch", "transformers", "peft"), "jax": None},
-        "device": {"platform": "cpu", "torch_threads": torch.get_num_threads()},
+        "device": {"platform": "gpu" if dev_type == "cuda" else "cpu",
+                   "device_kind": torch.cuda.get_device_name() if dev_type == "cuda" else platform.machine(),
+                   "host": platform.node(), "torch_threads": torch.get_num_threads()},
         "date": profiling.now(),
     }
     write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
