@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from .config import METHODS, ConfigValueError, TrainConfig, preset
 
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--output-dir", help=f"default {d.output_dir}")
     a("--overwrite", action="store_true", help="replace a run already in --output-dir")
     a("--no-progress", action="store_true", help="no progress bar")
+    a("--compile-cache", metavar="DIR", default=os.environ.get("LORA_JAX_COMPILE_CACHE"),
+      help="keep compiled steps in DIR (JAX's persistent compilation cache): a later run with the same shapes, "
+      "settings and versions loads them instead of compiling again (default: $LORA_JAX_COMPILE_CACHE, else off)")
     g = p.add_argument_group(
         "devices and processes",
         "--batch-size is the global batch, split over every device of every process. Multi-process runs start "
@@ -132,6 +136,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def enable_compile_cache(directory: str | None) -> None:
+    """Point JAX's persistent compilation cache at ``directory`` (None: leave it off). Every
+    compilation is stored; JAX keys entries by the program, the compiler options, the device
+    and the versions, so a stale entry is never loaded."""
+    if not directory:
+        return
+    import jax
+
+    path = Path(directory).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigValueError(f"--compile-cache {directory}: cannot create it ({e.strerror})") from None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def train_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(logging.INFO)
@@ -140,6 +161,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config_from_args(args)
+        enable_compile_cache(args.compile_cache)
         parallel.initialize(parallel.DistributedConfig(args.coordinator_address, args.num_processes,
                                                        args.process_id, auto=args.distributed))
         if not parallel.is_main_process():

@@ -721,6 +721,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
         "timed_steps": len(step_times),
         "compile_time_s": train_step.compile_seconds,
         "compilations": train_step.count,
+        "compile_cache": jax.config.jax_compilation_cache_dir,  # None: every step compiled afresh
         "buckets": list(s.buckets),
         "padding_share": data_lib.padding_share(lengths, used_batches, s.buckets) if used_batches else None,
         "memory": {

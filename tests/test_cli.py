@@ -75,3 +75,33 @@ def test_console_entry_and_script(tiny_bert_dir, glue_dir, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: model directory")
+
+
+def test_compile_cache_reused_across_runs(tiny_bert_dir, glue_dir, tmp_path):
+    # Subprocesses: the cache is a process-wide JAX setting that must not leak into other tests.
+    cache = tmp_path / "cache"
+    reports = []
+    for run in ("a", "b"):
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"),
+                               *args(tiny_bert_dir, glue_dir, tmp_path / run, "--compile-cache", str(cache))],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        reports.append(json.loads((tmp_path / run / "report.json").read_text()))
+        if run == "a":
+            entries = sorted(p.name for p in cache.iterdir())
+            assert entries, "the first run stored nothing"
+    # The second run loaded what the first stored (no new entries) and trained to the same result.
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    assert reports[0]["compile_cache"] == reports[1]["compile_cache"] == str(cache)
+    assert reports[0]["metrics"] == reports[1]["metrics"]
+    losses = [[r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r] for run in ("a", "b")]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
+def test_compile_cache_bad_dir(tiny_bert_dir, glue_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert train_main(args(tiny_bert_dir, glue_dir, tmp_path / "r", "--compile-cache", str(tmp_path / "file"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--compile-cache" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
