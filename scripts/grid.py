@@ -34,6 +34,8 @@ METHODS = {
     "lora-qv-r2": ["--targets", "qv", "--lora-rank", "2", "--lora-alpha", "2"],
     "lora-qv-r8": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8"],
     "lora-qv-r16": ["--targets", "qv", "--lora-rank", "16", "--lora-alpha", "16"],
+    # The same with the frozen base stored in bfloat16 (the memory lever): does it keep accuracy?
+    "lora-qv-r8-bf16base": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--param-dtype", "bfloat16"],
     "lora-all-r2": ["--targets", "all", "--lora-rank", "2", "--lora-alpha", "2"],
     "lora-all-r8": ["--targets", "all", "--lora-rank", "8", "--lora-alpha", "8"],
     # LoRA at the same 16x scale as the adalora-*-s16 variants below: the comparison at equal budget
@@ -73,6 +75,8 @@ def torch_flags(method: str) -> list[str]:
     """train_torch.py flags of a method (it has no AdaLoRA)."""
     if method.startswith("adalora"):
         raise SystemExit(f"error: the PyTorch reference has no {method}")
+    if "--param-dtype" in METHODS[method]:
+        raise SystemExit(f"error: the PyTorch reference has no bfloat16 base ({method})")
     return METHODS[method]  # train_torch.py takes the same flags
 
 
