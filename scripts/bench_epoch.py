@@ -181,6 +181,9 @@ def main() -> int:
     args = p.parse_args()
     cells = [c for c in args.cells.split(",") if c]
     bad = [c for c in cells if c not in CELLS]
+    if not cells:
+        print(f"error: --cells names no cell; choose from {', '.join(CELLS)}", file=sys.stderr)
+        return 2
     if bad:
         print(f"error: unknown cell {bad[0]!r}; choose from {', '.join(CELLS)}", file=sys.stderr)
         return 2
@@ -195,7 +198,7 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, ok = [], []
     for c in cells:
         rows.append(run_cell(c, args))
         ok = [r for r in rows if "error" not in r]

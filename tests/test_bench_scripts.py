@@ -37,10 +37,11 @@ def test_bench_epoch_cells(tiny_bert_dir, glue_dir, tmp_path):
     assert (out / "t.md").is_file() and (out / "t.png").stat().st_size > 1000
 
 
-def test_bench_epoch_bad_cell(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_epoch.py"), "--cells", "jax:nope",
+@pytest.mark.parametrize("cells, named", [("jax:nope", "jax:nope"), (",", "names no cell")])
+def test_bench_epoch_bad_cell(tmp_path, cells, named):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_epoch.py"), "--cells", cells,
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "jax:nope" in done.stderr
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and named in done.stderr
     assert not any(tmp_path.iterdir())
 
 
