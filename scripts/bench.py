@@ -175,7 +175,7 @@ def torch_step(cell: dict):
         # Non-reentrant: the reentrant form passes no gradient to LoRA factors inside a checkpointed
         # layer when the layer's input (from frozen embeddings) needs none.
         kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer name; the old one warns there
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
@@ -412,9 +412,9 @@ def main() -> int:
     if args.cells:
         try:
             grid = [tuple(c.split(":")) for c in args.cells.split(",")]
-            assert all(len(c) == 3 and c[2] in VARIANTS and (
-                (c[0] == "jax" and c[1] in ("full", *JAX_LORA)) or (c[0] == "torch" and c[1] in ("lora", "full") and c[2] in TORCH_VARIANTS))
-                for c in grid)
+            assert all(len(c) == 3 and (
+                (c[0] == "jax" and c[1] in ("full", *JAX_LORA) and c[2] in VARIANTS)
+                or (c[0] == "torch" and c[1] in ("lora", "full") and c[2] in TORCH_VARIANTS)) for c in grid)
         except AssertionError:
             print(f"error: --cells takes framework:method:variant with jax methods full, {', '.join(JAX_LORA)}, "
                   f"torch methods lora, full; jax variants {', '.join(VARIANTS)}; torch variants "
