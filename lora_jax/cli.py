@@ -96,10 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-eval-examples", type=int, help="use only the first N dev examples")
     a("--param-dtype", choices=("float32", "bfloat16"), help="dtype of the frozen base (default float32)")
     a("--compute-dtype", choices=("float32", "bfloat16"), help="matmul dtype (default float32)")
-    a("--remat", choices=("none", "attention", "cheap", "full", "dots"),
+    a("--remat", choices=("none", "attention", "cheap", "qkv", "full", "dots"),
       help="recompute activations in the backward pass: attention = the attention probabilities, cheap = "
-      "those and the FFN activation, full / dots = each whole layer, saving nothing / the matmul outputs "
-      "(default cheap; none keeps every activation)")
+      "those and the FFN activation, qkv / full / dots = each whole layer, saving q, k, v / nothing / the "
+      "matmul outputs (default cheap; none keeps every activation)")
     a("--seed", type=int, help=f"default {d.seed}")
     a("--eval-every", type=int, help="evaluate every N steps (default: every epoch)")
     a("--save-every", type=int, help="checkpoint every N steps (default: every epoch, and at the end)")

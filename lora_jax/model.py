@@ -40,8 +40,8 @@ class ModelConfig:
 
     ``dtype`` is the compute dtype (matmuls, activations); LayerNorm statistics
     and the softmax run in float32 whatever it is. ``remat`` recomputes activations
-    in the backward pass instead of storing them: ``full`` / ``dots`` each whole layer
-    (nothing saved / matmul outputs saved), ``attention`` only the attention scores and
+    in the backward pass instead of storing them: ``full`` / ``dots`` / ``qkv`` each whole layer
+    (nothing saved / matmul outputs saved / q, k, v saved), ``attention`` only the attention scores and
     probabilities, the largest activations at sequence lengths above the head size,
     ``cheap`` those and the FFN activation (no dense matmul is recomputed).
     """
@@ -131,12 +131,18 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
 }
 
-# "full" and "dots" wrap each whole layer in jax.checkpoint. "attention" recomputes only the
-# attention scores and probabilities (SelfAttention), "cheap" those and the FFN activation
-# (Intermediate): what costs no dense matmul to recompute; everything else is stored as without remat.
+# "full", "dots" and "qkv" wrap each whole layer in jax.checkpoint: "full" keeps only the layer's
+# input, "dots" also every matmul output, "qkv" also the query, key and value projections and the
+# attention dropout mask, so the backward pass recomputes the attention, its output projection,
+# the LayerNorms and the FFN's first matmul (with LoRA those weights are frozen: the FFN input is
+# not needed for any gradient, only its width-4H output, which this recomputes instead of keeping).
+# "attention" recomputes only the attention scores and probabilities (SelfAttention), "cheap"
+# those and the FFN activation (Intermediate): what costs no dense matmul to recompute; everything
+# else is stored as without remat.
 LAYER_REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv": jax.checkpoint_policies.save_only_these_names("qkv", "attention_keep"),
 }
 REMAT_POLICIES = ("none", "attention", "cheap", *LAYER_REMAT_POLICIES)
 
@@ -258,9 +264,9 @@ class SelfAttention(nn.Module):
         cfg = self.cfg
         n, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
         split = lambda t: t.reshape(*t.shape[:2], n, d)
-        q = split(Dense(cfg.hidden_size, cfg, name="query")(x))
-        k = split(Dense(cfg.hidden_size, cfg, name="key")(x))
-        v = split(Dense(cfg.hidden_size, cfg, name="value")(x))
+        q = split(checkpoint_name(Dense(cfg.hidden_size, cfg, name="query")(x), "qkv"))
+        k = split(checkpoint_name(Dense(cfg.hidden_size, cfg, name="key")(x), "qkv"))
+        v = split(checkpoint_name(Dense(cfg.hidden_size, cfg, name="value")(x), "qkv"))
         rate = cfg.attention_probs_dropout_prob
         # Named Dropout_0, the name nn.Dropout had here before, so that the masks do not change.
         key = None if deterministic or rate == 0.0 else _DropoutKey(name="Dropout_0")()

@@ -147,7 +147,7 @@ def test_remat_same_gradients():
         return jax.grad(loss)(params)
 
     ref = grads("none")
-    for policy in ("attention", "cheap", "full", "dots"):
+    for policy in ("attention", "cheap", "qkv", "full", "dots"):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ref, grads(policy))
 
 
