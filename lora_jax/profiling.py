@@ -19,13 +19,19 @@ def peak_rss_bytes() -> int:
     return int(kib) * (1 if sys.platform == "darwin" else 1024)
 
 
-def peak_device_bytes() -> int | None:
-    """``memory_stats()["peak_bytes_in_use"]`` of device 0, where the backend has it (GPU/TPU)."""
+def device_bytes(stat: str = "peak_bytes_in_use") -> int | None:
+    """``memory_stats()[stat]`` of device 0 (``peak_bytes_in_use``, ``bytes_in_use``, ...), where
+    the backend has it (GPU/TPU); None on CPU."""
     try:
         stats = jax.local_devices()[0].memory_stats()
     except Exception:  # CPU backends raise or return None depending on the version
         return None
-    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+    return int(stats[stat]) if stats and stat in stats else None
+
+
+def peak_device_bytes() -> int | None:
+    """The allocator's peak on device 0 over the whole process so far (GPU/TPU; None on CPU)."""
+    return device_bytes("peak_bytes_in_use")
 
 
 def compiled_memory(compiled) -> dict[str, int] | None:
@@ -102,11 +108,17 @@ def time_train_step(step, state, frozen, batch, *, warmup: int, steps: int):
     """
     import time
 
-    import jax
-
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
+    return compile_s, time_steps(compiled, state, frozen, batch, warmup=warmup, steps=steps), compiled
+
+
+def time_steps(compiled, state, frozen, batch, *, warmup: int, steps: int) -> list[float]:
+    """Run a compiled train step ``warmup + steps`` times; the seconds of the last ``steps``, each
+    ending when its loss is ready (``block_until_ready``)."""
+    import time
+
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -114,4 +126,4 @@ def time_train_step(step, state, frozen, batch, *, warmup: int, steps: int):
         jax.block_until_ready(m["loss"])
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return compile_s, times, compiled
+    return times

@@ -49,6 +49,7 @@ VARIANTS = {
     "merged": ("float32", "float32", "none", "merged"),
     "remat-attention": ("float32", "float32", "attention", "factored"),
     "remat-cheap": ("float32", "float32", "cheap", "factored"),
+    "remat-qkv": ("float32", "float32", "qkv", "factored"),
     "bf16-base": ("bfloat16", "float32", "none", "factored"),
     "bf16-base+remat": ("bfloat16", "float32", "full", "factored"),
     "bf16-base+cheap": ("bfloat16", "float32", "cheap", "factored"),
@@ -66,7 +67,9 @@ JAX_LORA = {"lora": (8, "qv"), "lora-all-r8": (8, "all"), "lora-all-r12": (12, "
 LEGEND = """Variants (lora-jax): `fp32` float32 everything, factored LoRA forward x@W + s(x@A)@B, every activation
 kept (`--remat none`; train.py's default is `cheap`, the `remat-cheap` cell); `merged` the same with
 W + sAB formed in the step; `remat-attention` / `remat-cheap` fp32 with the attention probabilities / those
-and the FFN activation recomputed in the backward pass (`--remat attention` / `cheap`); `bf16-base` the frozen base stored in bfloat16 (LoRA, head and optimizer state
+and the FFN activation recomputed in the backward pass (`--remat attention` / `cheap`); `remat-qkv` each
+layer recomputed from its input and its kept q, k, v (`--remat qkv`: one 4H-wide and one H-wide matmul per
+layer recomputed); `bf16-base` the frozen base stored in bfloat16 (LoRA, head and optimizer state
 float32, compute float32); `+remat` / `remat` per-layer activation rematerialisation (`jax.checkpoint`,
 save nothing); `+cheap` the `remat-cheap` recomputation on a bfloat16 base; `bf16` bfloat16 base and
 bfloat16 compute. PyTorch `bf16` is `torch.autocast(bfloat16)` on float32 weights; PyTorch `remat` is
@@ -90,10 +93,12 @@ def run_jax(cell: dict) -> dict:
     import numpy as np
 
     from lora_jax import lora, profiling, weights
+    from lora_jax.cli import enable_compile_cache
     from lora_jax.config import TrainConfig
     from lora_jax.model import init_params
     from lora_jax.train import make_loss_fn, make_optimizer, make_train_step, new_state, split_for_training
 
+    enable_compile_cache(cell.get("compile_cache"))
     param_dtype, compute, remat, mode = VARIANTS[cell["variant"]]
     mcfg = weights.read_config(Path(cell["config"]), num_labels=2, dtype=compute, remat=remat)
     method = cell["method"]
@@ -138,14 +143,23 @@ def run_jax(cell: dict) -> dict:
     except Exception as e:  # tracing internals move between JAX versions: the timing still counts
         print(f"saved for backward not measured: {type(e).__name__}: {e}", file=sys.stderr)
         saved = None
-    compile_s, times, compiled = profiling.time_train_step(step, state, frozen, batch, warmup=cell["warmup"],
-                                                           steps=cell["steps"])
+    # The allocator's peak is over the whole process: read it around compilation, where XLA's GPU
+    # autotuner runs candidate kernels on scratch buffers, to tell its share from the steps'.
+    before_compile = profiling.device_bytes("bytes_in_use")
+    t0 = time.perf_counter()
+    compiled = step.lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    compile_peak = profiling.peak_device_bytes()
+    times = profiling.time_steps(compiled, state, frozen, batch, warmup=cell["warmup"], steps=cell["steps"])
     return {
         "trainable_params": counts["lora"] + counts["trainable"],
         "total_params": counts["total"],
         "step_times_s": times,
         "compile_s": compile_s,
         "peak_device_bytes": profiling.peak_device_bytes(),
+        "device_bytes_before_compile": before_compile,
+        "peak_device_bytes_after_compile": compile_peak,
+        "compile_cache": cell.get("compile_cache"),
         "xla_memory": profiling.compiled_memory(compiled),
         "saved_for_backward_bytes": saved,
         "peak_rss_bytes": peak_rss(),
@@ -253,8 +267,8 @@ def run_torch(cell: dict) -> dict:
     }
 
 
-def run_cell(cell: dict, timeout: int) -> dict:
-    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONPATH": str(ROOT)}
+def run_cell(cell: dict, timeout: int, preallocate: bool = False) -> dict:
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": str(preallocate).lower(), "PYTHONPATH": str(ROOT)}
     try:
         proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps(cell)], capture_output=True,
                               text=True, env=env, timeout=timeout)
@@ -301,7 +315,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"Device: {meta['device']}; shape: {meta['shape']}; {meta['steps']} timed steps after {meta['warmup']} "
         "warm-up steps, median reported. Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         "",
-        "Peak memory: GPU rows use the allocator's peak (JAX `memory_stats`, torch `max_memory_allocated`). "
+        "Peak memory: GPU rows use the allocator's peak (JAX `memory_stats`, torch `max_memory_allocated`); "
+        f"JAX's memory pool here: {meta.get('jax_memory_pool', 'grown on demand')} (grown on demand, JAX's "
+        "allocator counts the whole free chunks it hands out, up to twice a request: on an H100 roberta-base's "
+        "weights took 24% more than their bytes, where PyTorch's count is the tensors' bytes; preallocated "
+        "(`--preallocate`), it counts the bytes). "
         "CPU rows: for JAX, XLA's compiled memory analysis of the train step (arguments + outputs + temporaries "
         "- aliased); for both frameworks, the process's peak RSS (includes the runtime and libraries). "
         "Saved for backward: what autodiff keeps from the forward pass for the backward pass, parameters not "
@@ -311,19 +329,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "memory that the activation levers (remat) change.",
         "",
         LEGEND,
+        "Peak at compile (GPU, lora-jax): the allocator's peak after compiling the step, before its first run "
+        "(XLA's GPU autotuner runs candidate kernels on scratch buffers then); where it equals the peak, "
+        "compilation set the peak, and a run with `--compile-cache` filled by an earlier run shows the steps' own.",
+        "",
         "| framework | method | variant | trainable params | median step (s) | examples/s | peak memory (MiB) "
-        "| XLA analysis (MiB) | peak RSS (MiB) | saved for backward (MiB) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak at compile (MiB) | XLA analysis (MiB) | peak RSS (MiB) | saved for backward (MiB) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['framework']} | {r['method']} | {r['variant']} | error: {r['error'][:120]} | | | | | | |")
+            lines.append(f"| {r['framework']} | {r['method']} | {r['variant']} | error: {r['error'][:120]} | | | | | | | |")
             continue
         xla = r["xla_memory"]["total_bytes"] if r.get("xla_memory") else None
         lines.append(
             f"| {r['framework']} | {r['method']} | {r['variant']} | {r['trainable_params']:,} | "
             f"{r['step_time_median_s']:.3f} | {r['examples_per_sec']:.2f} | {mib(r['peak_device_bytes'])} | "
-            f"{mib(xla)} | {mib(r['peak_rss_bytes'])} | {mib(r.get('saved_for_backward_bytes'))} |"
+            f"{mib(r.get('peak_device_bytes_after_compile'))} | {mib(xla)} | {mib(r['peak_rss_bytes'])} | {mib(r.get('saved_for_backward_bytes'))} |"
         )
     lines += ["", "## Ratios (same run)", "",
               "| comparison | step time | peak memory (device or XLA) | peak RSS | saved for backward |",
@@ -344,6 +366,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         ("lora-jax LoRA: remat-attention / fp32", ("jax", "lora", "remat-attention"), ("jax", "lora", "fp32")),
         ("lora-jax LoRA: remat-cheap / fp32", ("jax", "lora", "remat-cheap"), ("jax", "lora", "fp32")),
         ("LoRA: lora-jax remat-cheap / PyTorch+peft fp32", ("jax", "lora", "remat-cheap"), ("torch", "lora", "fp32")),
+        ("lora-jax LoRA: remat-qkv / remat-cheap", ("jax", "lora", "remat-qkv"), ("jax", "lora", "remat-cheap")),
+        ("LoRA: lora-jax remat-qkv / PyTorch+peft fp32", ("jax", "lora", "remat-qkv"), ("torch", "lora", "fp32")),
+        ("LoRA: lora-jax remat-qkv / PyTorch+peft remat", ("jax", "lora", "remat-qkv"), ("torch", "lora", "remat")),
         ("LoRA, both remat: lora-jax / PyTorch+peft", ("jax", "lora", "remat"), ("torch", "lora", "remat")),
         ("LoRA: lora-jax bf16-base+remat / PyTorch+peft remat", ("jax", "lora", "bf16-base+remat"),
          ("torch", "lora", "remat")),
@@ -370,14 +395,28 @@ def plot(rows: list[dict], path: Path) -> None:
     # Variant names broken at '-' and '+' so that neighbouring labels do not run into each other.
     labels = [f"{r['framework']}\n{r['method']}\n" + r["variant"].replace("-", "-\n").replace("+", "+\n")
               for r in ok]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(ok)), 4.5))
-    axes[0].bar(labels, [r["step_time_median_s"] for r in ok], color=["C0" if r["framework"] == "jax" else "C1" for r in ok])
+    width = max(4.0, 0.55 * len(ok))
+    fig, axes = plt.subplots(1, 3, figsize=(2 * width + 5, 4.5), gridspec_kw={"width_ratios": [width, width, 5]})
+    colors = ["C0" if r["framework"] == "jax" else "C1" for r in ok]
+    axes[0].bar(labels, [r["step_time_median_s"] for r in ok], color=colors)
     axes[0].set_ylabel("median step time (s)")
     mem = [(r["peak_memory_bytes"] or 0) / 2**20 for r in ok]
-    axes[1].bar(labels, mem, color=["C0" if r["framework"] == "jax" else "C1" for r in ok])
+    axes[1].bar(labels, mem, color=colors)
     axes[1].set_ylabel("peak memory (MiB; GPU peak or XLA analysis)")
-    for ax in axes:
+    for ax in axes[:2]:
         ax.tick_params(axis="x", labelsize=7)
+    # The trade-off: down and to the left is better; each framework's levers trace its own curve.
+    scatter = axes[2]
+    for r, c, m in zip(ok, colors, mem):
+        if m:
+            scatter.scatter(r["step_time_median_s"], m, color=c)
+            scatter.annotate(f"{r['method']} {r['variant']}", (r["step_time_median_s"], m), fontsize=6,
+                             xytext=(3, 3), textcoords="offset points")
+    scatter.set_xlim(left=0)
+    scatter.set_ylim(bottom=0)
+    scatter.set_xlabel("median step time (s)")
+    scatter.set_ylabel("peak memory (MiB)")
+    scatter.set_title("blue: lora-jax, orange: PyTorch", fontsize=8)
     fig.tight_layout()
     from lora_jax.report import save_figure
 
@@ -395,6 +434,12 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "results" / "bench"))
     p.add_argument("--name", help="output file stem (default: <model>-b<batch>-s<seq>-<platform>)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    p.add_argument("--preallocate", action="store_true",
+                   help="GPU: let JAX preallocate its memory pool (its default) instead of growing it on demand; "
+                   "a grown pool hands out whole free chunks up to twice a request, which its in-use count includes")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="JAX's persistent compilation cache for the lora-jax cells: a second run with the same "
+                   "DIR loads the compiled steps instead of compiling (and autotuning) them")
     p.add_argument("--cell", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.cell:
@@ -421,6 +466,14 @@ def main() -> int:
                   f"{', '.join(TORCH_VARIANTS)}",
                   file=sys.stderr)
             return 2
+    if args.compile_cache:
+        cache = Path(args.compile_cache).expanduser().resolve()
+        try:  # here, so that a bad DIR fails once, not in every cell
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"error: --compile-cache {args.compile_cache}: cannot create it ({e.strerror})", file=sys.stderr)
+            return 2
+        args.compile_cache = str(cache)
     import datetime
 
     model_name = json.loads((Path(args.config) / "config.json").read_text()).get("model_type", "model")
@@ -441,6 +494,7 @@ def main() -> int:
             "device": f"{dev.get('platform')} ({dev.get('device_kind')}, host {dev.get('host')})",
             "shape": f"{model_name} config from {args.config}, batch {args.batch}, seq {args.seq}",
             "steps": args.steps, "warmup": args.warmup, "versions": versions,
+            "jax_memory_pool": "preallocated" if args.preallocate else "grown on demand",
             "cells_run": f"{len(rows)} of {len(grid)}",
         }
         for suffix, text in ((".json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n"),
@@ -453,9 +507,10 @@ def main() -> int:
     rows = []
     for framework, method, variant in grid:
         cell = {"framework": framework, "method": method, "variant": variant, "config": args.config,
-                "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup}
+                "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+                "compile_cache": args.compile_cache}
         print(f"[bench] {framework} {method} {variant} ...", file=sys.stderr, flush=True)
-        r = run_cell(cell, args.timeout)
+        r = run_cell(cell, args.timeout, args.preallocate)
         rows.append(r)
         if "error" in r:
             print(f"[bench]   error: {r['error']}", file=sys.stderr, flush=True)

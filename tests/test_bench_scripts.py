@@ -85,7 +85,7 @@ def test_bench_saved_for_backward(tiny_bert_dir, tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(tiny_bert_dir), "--batch", "2",
            "--seq", "16", "--steps", "1", "--warmup", "1", "--out", str(tmp_path), "--name", "t",
            "--cells", "jax:lora:fp32,jax:lora:remat-attention,jax:lora:remat-cheap,jax:lora:bf16-base+cheap,"
-           "torch:lora:fp32,torch:lora:remat"]
+           "jax:lora:remat-qkv,torch:lora:fp32,torch:lora:remat", "--compile-cache", str(tmp_path / "xla-cache")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {(r["framework"], r["variant"]): r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
@@ -94,13 +94,18 @@ def test_bench_saved_for_backward(tiny_bert_dir, tmp_path):
     assert all(v > 0 for v in saved.values()), saved
     # Each remat policy keeps less for the backward pass than none, "cheap" less than "attention".
     assert saved["jax", "fp32"] > saved["jax", "remat-attention"] > saved["jax", "remat-cheap"], saved
+    # Recomputing each layer from its input and q, k, v keeps less again.
+    assert saved["jax", "remat-qkv"] < saved["jax", "remat-cheap"], saved
     # A bfloat16 base under float32 compute keeps no float32 copies of its weights.
     assert saved["jax", "bf16-base+cheap"] == saved["jax", "remat-cheap"], saved
     # PyTorch's activation checkpointing keeps only each layer's input, and still trains the LoRA factors.
     assert saved["torch", "remat"] < saved["torch", "fp32"], saved
     assert rows["torch", "remat"]["trainable_params"] == rows["torch", "fp32"]["trainable_params"]
     text = (tmp_path / "t.md").read_text()
-    assert "saved for backward" in text and "remat-cheap / fp32" in text and "Cells run: 6 of 6" in text
+    assert "saved for backward" in text and "remat-cheap / fp32" in text and "Cells run: 7 of 7" in text
+    # The lora-jax cells compiled into the cache they name (PyTorch's do not use it).
+    assert any((tmp_path / "xla-cache").iterdir())
+    assert {r["compile_cache"] for k, r in rows.items() if k[0] == "jax"} == {str(tmp_path / "xla-cache")}
 
 
 def test_bench_rejects_jax_only_variant_for_torch(tmp_path):
@@ -108,3 +113,14 @@ def test_bench_rejects_jax_only_variant_for_torch(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "torch variants" in done.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_bench_rejects_unusable_compile_cache(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--cells", "jax:lora:fp32",
+                           "--compile-cache", str(blocker / "cache"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "--compile-cache" in done.stderr
+    assert not out.exists()
