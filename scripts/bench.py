@@ -160,6 +160,7 @@ def run_jax(cell: dict) -> dict:
         "device_bytes_before_compile": before_compile,
         "peak_device_bytes_after_compile": compile_peak,
         "compile_cache": cell.get("compile_cache"),
+        "xla_python_client_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
         "xla_memory": profiling.compiled_memory(compiled),
         "saved_for_backward_bytes": saved,
         "peak_rss_bytes": peak_rss(),

@@ -115,6 +115,20 @@ def test_bench_rejects_jax_only_variant_for_torch(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_bench_preallocate_reaches_the_cells(tiny_bert_dir, tmp_path):
+    # The default grows JAX's GPU pool on demand; --preallocate lets the cells preallocate it.
+    for flag, pool, env in (([], "grown on demand", "false"), (["--preallocate"], "preallocated", "true")):
+        cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(tiny_bert_dir), "--batch", "2",
+               "--seq", "8", "--steps", "1", "--warmup", "0", "--out", str(tmp_path), "--name", "t",
+               "--cells", "jax:lora:fp32", *flag]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        record = json.loads((tmp_path / "t.json").read_text())
+        assert record["meta"]["jax_memory_pool"] == pool
+        assert record["rows"][0]["xla_python_client_preallocate"] == env
+        assert f"JAX's memory pool here: {pool}" in (tmp_path / "t.md").read_text()
+
+
 def test_bench_rejects_unusable_compile_cache(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
