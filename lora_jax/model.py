@@ -355,13 +355,41 @@ class LayerStack(nn.Module):
 
     @nn.compact
     def __call__(self, x, bias, *, deterministic):
-        block = Layer
-        if self.cfg.remat in LAYER_REMAT_POLICIES:
-            # static_argnums counts the module as argument 0: `deterministic` is a Python bool.
-            block = nn.remat(Layer, policy=LAYER_REMAT_POLICIES[self.cfg.remat], static_argnums=(3,))
+        if self.cfg.remat not in LAYER_REMAT_POLICIES:
+            for i in range(self.cfg.num_hidden_layers):
+                x = Layer(self.cfg, name=str(i))(x, bias, deterministic)
+            return x
+        # static_argnums counts the module as argument 0: `deterministic` is a Python bool.
+        block = nn.remat(Layer, policy=LAYER_REMAT_POLICIES[self.cfg.remat], static_argnums=(3,))
+        call = nn.custom_vjp(partial(_call_layer, deterministic=deterministic), forward_fn=partial(
+            _layer_forward, deterministic=deterministic), backward_fn=partial(_gated_backward, rows=x.shape[:2]))
         for i in range(self.cfg.num_hidden_layers):
-            x = block(self.cfg, name=str(i))(x, bias, deterministic)
+            x = call(block(self.cfg, name=str(i)), x, bias)
         return x
+
+
+# A rematerialised layer's recomputation depends only on what the forward pass saved (its input; with
+# "qkv" also q, k, v), so a scheduler may run it early, in the forward pass, where its outputs then live
+# as long as if they had been kept. XLA's CPU scheduler does: without the gate below every layer policy
+# left the CPU step's memory exactly at --remat none's (results/profile/xla-cpu-remat/). The gate adds
+# 0 x one element of the incoming gradient to those saved activations, a data dependence (an
+# optimization barrier is not: XLA removes barriers before scheduling), so the recomputation waits for
+# the gradient on every backend, at the cost of one elementwise pass over each.
+def _call_layer(layer, x, bias, *, deterministic):
+    return layer(x, bias, deterministic)
+
+
+def _layer_forward(layer, x, bias, *, deterministic):
+    return nn.vjp(partial(_call_layer, deterministic=deterministic), layer, x, bias)
+
+
+def _gated_backward(vjp_fn, g, *, rows):
+    """vjp_fn's saved values, the float ones of shape (B, T, ...), made to depend on ``g``; then vjp_fn(g)."""
+    saved, tree = jax.tree.flatten(vjp_fn)
+    zero = 0 * g.reshape(-1)[0]
+    saved = [s + zero.astype(s.dtype) if s.shape[:2] == rows and jnp.issubdtype(s.dtype, jnp.floating) else s
+             for s in saved]
+    return jax.tree.unflatten(tree, saved)(g)
 
 
 class Encoder(nn.Module):
