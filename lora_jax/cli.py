@@ -39,8 +39,15 @@ def _setup_logging(level: int) -> None:
     logging.getLogger("lora_jax").setLevel(level)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (not the whole usage block), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="lora-jax train",
         description="Fine-tune a BERT/RoBERTa encoder on a GLUE task with LoRA or in full, "
         "evaluate on dev, and write report.json / report.md.",
@@ -186,7 +193,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lora-jax evaluate",
+    p = _Parser(prog="lora-jax evaluate",
                                 description="Dev metrics of a saved adapter on its base model.")
     p.add_argument("--adapter", required=True, help="adapter directory (OUTPUT_DIR/adapter of a run, or peft's)")
     p.add_argument("--peft", action="store_true", help="the directory holds a Hugging Face peft LoRA adapter")
@@ -216,7 +223,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
 
 def predict_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="lora-jax predict",
         description="Predictions from one base and several adapters. Each input line is JSON: "
         '{"adapter": NAME, "text": "..."} or {"adapter": NAME, "text": "...", "text_pair": "..."}. '

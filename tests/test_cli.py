@@ -51,6 +51,21 @@ def test_bad_flags_one_line(tiny_bert_dir, glue_dir, tmp_path, capsys, extra, ma
     assert not (tmp_path / "r").exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("extra, match", [
+    (["--remat", "bogus"], "argument --remat: invalid choice: 'bogus'"),
+    (["--lora-rank", "eight"], "argument --lora-rank: invalid int value"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_bad_command_line_one_line(tiny_bert_dir, glue_dir, tmp_path, capsys, extra, match):
+    # argparse's own errors too: one line naming the problem, not the whole usage block; exit 2.
+    with pytest.raises(SystemExit) as exit_:
+        train_main(args(tiny_bert_dir, glue_dir, tmp_path / "r", *extra))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_data_dir(tiny_bert_dir, tmp_path, capsys):
     (tmp_path / "glue" / "RTE").mkdir(parents=True)
     assert train_main(args(tiny_bert_dir, tmp_path / "glue", tmp_path / "r")) == 2
