@@ -370,11 +370,12 @@ class LayerStack(nn.Module):
 
 # A rematerialised layer's recomputation depends only on what the forward pass saved (its input; with
 # "qkv" also q, k, v), so a scheduler may run it early, in the forward pass, where its outputs then live
-# as long as if they had been kept. XLA's CPU scheduler does: without the gate below every layer policy
+# as long as if they had been kept. XLA's CPU scheduler does: without the gate below "full" and "qkv"
 # left the CPU step's memory exactly at --remat none's (results/profile/xla-cpu-remat/). The gate adds
 # 0 x one element of the incoming gradient to those saved activations, a data dependence (an
 # optimization barrier is not: XLA removes barriers before scheduling), so the recomputation waits for
-# the gradient on every backend, at the cost of one elementwise pass over each.
+# the gradient on every backend, at the cost of one elementwise pass over each. (A NaN or inf in that
+# element reaches the recomputation, where the gradient is already NaN or inf.)
 def _call_layer(layer, x, bias, *, deterministic):
     return layer(x, bias, deterministic)
 
