@@ -146,9 +146,7 @@ def run_jax(cell: dict) -> dict:
     # The allocator's peak is over the whole process: read it around compilation, where XLA's GPU
     # autotuner runs candidate kernels on scratch buffers, to tell its share from the steps'.
     before_compile = profiling.device_bytes("bytes_in_use")
-    t0 = time.perf_counter()
-    compiled = step.lower(state, frozen, batch).compile()
-    compile_s = time.perf_counter() - t0
+    compiled, compile_s = profiling.compile_step(step, state, frozen, batch)
     compile_peak = profiling.peak_device_bytes()
     times = profiling.time_steps(compiled, state, frozen, batch, warmup=cell["warmup"], steps=cell["steps"])
     return {
@@ -468,13 +466,14 @@ def main() -> int:
                   file=sys.stderr)
             return 2
     if args.compile_cache:
-        cache = Path(args.compile_cache).expanduser().resolve()
-        try:  # here, so that a bad DIR fails once, not in every cell
-            cache.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            print(f"error: --compile-cache {args.compile_cache}: cannot create it ({e.strerror})", file=sys.stderr)
+        from lora_jax.cli import ConfigValueError, enable_compile_cache
+
+        try:  # here, so that a bad DIR fails once, not in every cell (this only imports JAX, starts no device)
+            enable_compile_cache(args.compile_cache)
+        except ConfigValueError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
-        args.compile_cache = str(cache)
+        args.compile_cache = str(Path(args.compile_cache).expanduser().resolve())
     import datetime
 
     model_name = json.loads((Path(args.config) / "config.json").read_text()).get("model_type", "model")
