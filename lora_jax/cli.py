@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="recompute activations in the backward pass: attention = the attention probabilities, cheap = "
       "those and the FFN activation, qkv / full / dots = each whole layer, saving q, k, v / nothing / the "
       "matmul outputs (default cheap; none keeps every activation)")
+    a("--xla-scheduler", choices=("default", "memory"),
+      help="XLA:CPU's instruction scheduler for the train step; memory: its memory-optimised one, which with "
+      "--remat full or qkv lowers the CPU step's peak (results/bench/); no effect on GPU (default default)")
     a("--seed", type=int, help=f"default {d.seed}")
     a("--eval-every", type=int, help="evaluate every N steps (default: every epoch)")
     a("--save-every", type=int, help="checkpoint every N steps (default: every epoch, and at the end)")

@@ -129,8 +129,19 @@ def make_loss_fn(mcfg: ModelConfig, lcfg: lora.LoraConfig, *, mode: str, regress
     return loss_fn
 
 
+# --xla-scheduler: XLA:CPU's instruction schedulers by name. Other backends ignore the choice.
+XLA_CPU_SCHEDULERS = {"default": "CPU_SCHEDULER_TYPE_DEFAULT", "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def compiler_options(xla_scheduler: str) -> dict[str, str] | None:
+    """The XLA options for a train step under ``xla_scheduler`` on this process's backend (None: XLA's own)."""
+    if xla_scheduler == "default" or jax.default_backend() != "cpu":
+        return None
+    return {"xla_cpu_scheduler_type": XLA_CPU_SCHEDULERS[xla_scheduler]}
+
+
 def make_train_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, optimizer, *, mode: str, regression: bool,
-                    mesh=None, ada: adaptive.AdaLoraConfig | None = None) -> Callable:
+                    mesh=None, ada: adaptive.AdaLoraConfig | None = None, xla_scheduler: str = "default") -> Callable:
     """``step(state, frozen, batch) -> (state, {"loss", "grad_norm"})``, jitted with ``state`` donated.
 
     With ``ada`` (AdaLoRA) the loss adds the orthogonality regulariser, the
@@ -141,6 +152,10 @@ def make_train_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, optimizer, *, mode
     sharded, state replicated) and the outputs are pinned replicated, so the
     state keeps its placement from step to step; the loss is the mean over the
     global batch whatever the number of devices.
+
+    ``xla_scheduler="memory"`` compiles the step with XLA:CPU's memory-optimised scheduler (CPU only):
+    with a layer remat policy it keeps the recomputation's dropout bits from being prepared in the
+    forward pass and held to the backward (results/profile/xla-cpu-remat/).
     """
 
     loss_fn = make_loss_fn(mcfg, lcfg, mode=mode, regression=regression, ada=ada)
@@ -159,9 +174,10 @@ def make_train_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, optimizer, *, mode
         new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, aux=aux)
         return new, out
 
+    options = compiler_options(xla_scheduler)
     if mesh is None:
-        return jax.jit(step, donate_argnums=0)
-    return jax.jit(step, donate_argnums=0, out_shardings=parallel.replicated(mesh))
+        return jax.jit(step, donate_argnums=0, compiler_options=options)
+    return jax.jit(step, donate_argnums=0, out_shardings=parallel.replicated(mesh), compiler_options=options)
 
 
 def make_eval_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, mesh=None) -> Callable:
@@ -571,7 +587,8 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     state = parallel.place(init_state(s, optimizer), parallel.replicated(mesh))
     frozen = parallel.place(s.frozen, parallel.frozen_shardings(s.frozen, mesh))
     train_step = PerShape(make_train_step(s.mcfg, s.lcfg, optimizer, mode=cfg.forward_mode(),
-                                          regression=s.task.is_regression, mesh=mesh, ada=ada))
+                                          regression=s.task.is_regression, mesh=mesh, ada=ada,
+                                          xla_scheduler=cfg.xla_scheduler))
     eval_step = make_eval_step(s.mcfg, s.lcfg, mesh)
     eval_every = cfg.eval_every or spe
     save_every = cfg.save_every or spe

@@ -56,6 +56,18 @@ VARIANTS = {
     "remat": ("float32", "float32", "full", "factored"),
     "bf16": ("bfloat16", "bfloat16", "none", "factored"),
 }
+# Any lora-jax variant + this suffix: the train step compiled with XLA:CPU's memory-optimised scheduler
+# (train.py --xla-scheduler memory; no effect on GPU).
+MEMORY_SCHEDULER = "+memsched"
+
+
+def split_variant(name: str) -> tuple[str, str]:
+    """A lora-jax variant name -> (variant in VARIANTS, --xla-scheduler value)."""
+    if name.endswith(MEMORY_SCHEDULER):
+        return name.removesuffix(MEMORY_SCHEDULER), "memory"
+    return name, "default"
+
+
 # PyTorch cells: `fp32`, `bf16` (autocast) and `remat` (transformers' activation checkpointing per layer).
 TORCH_VARIANTS = ("fp32", "bf16", "remat")
 
@@ -72,7 +84,8 @@ layer recomputed from its input and its kept q, k, v (`--remat qkv`: one 4H-wide
 layer recomputed); `bf16-base` the frozen base stored in bfloat16 (LoRA, head and optimizer state
 float32, compute float32); `+remat` / `remat` per-layer activation rematerialisation (`jax.checkpoint`,
 save nothing); `+cheap` the `remat-cheap` recomputation on a bfloat16 base; `bf16` bfloat16 base and
-bfloat16 compute. PyTorch `bf16` is `torch.autocast(bfloat16)` on float32 weights; PyTorch `remat` is
+bfloat16 compute; `+memsched` the same step compiled with XLA:CPU's memory-optimised scheduler
+(`--xla-scheduler memory`; CPU only). PyTorch `bf16` is `torch.autocast(bfloat16)` on float32 weights; PyTorch `remat` is
 transformers' gradient checkpointing of every layer (non-reentrant; only each layer's input kept). All cells: AdamW,
 batch and sequence as above, random weights and tokens; both frameworks build the weights on the host
 and move them to the device once, so a device's peak is the training's own.
@@ -99,7 +112,8 @@ def run_jax(cell: dict) -> dict:
     from lora_jax.train import make_loss_fn, make_optimizer, make_train_step, new_state, split_for_training
 
     enable_compile_cache(cell.get("compile_cache"))
-    param_dtype, compute, remat, mode = VARIANTS[cell["variant"]]
+    variant, scheduler = split_variant(cell["variant"])
+    param_dtype, compute, remat, mode = VARIANTS[variant]
     mcfg = weights.read_config(Path(cell["config"]), num_labels=2, dtype=compute, remat=remat)
     method = cell["method"]
     if method == "full":
@@ -126,7 +140,7 @@ def run_jax(cell: dict) -> dict:
     # AdaLoRA: a schedule whose pruning phase covers the timed steps (the allocator runs every step anyway).
     ada = TrainConfig(method="adalora", adalora_init_rank=12, adalora_target_rank=8,
                       adalora_warmup_steps=0, adalora_final_steps=0).adalora_config(1000) if svd else None
-    step = make_train_step(mcfg, lcfg, optimizer, mode=mode, regression=False, ada=ada)
+    step = make_train_step(mcfg, lcfg, optimizer, mode=mode, regression=False, ada=ada, xla_scheduler=scheduler)
     rng = np.random.default_rng(0)
     b, t = cell["batch"], cell["seq"]
     batch = {
@@ -357,6 +371,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
         ("lora-jax: LoRA bf16-base+remat / full fp32", ("jax", "lora", "bf16-base+remat"), ("jax", "full", "fp32")),
         ("lora-jax: LoRA bf16-base+cheap / full remat", ("jax", "lora", "bf16-base+cheap"), ("jax", "full", "remat")),
         ("lora-jax: LoRA remat / full remat", ("jax", "lora", "remat"), ("jax", "full", "remat")),
+        ("lora-jax: LoRA remat+memsched / full remat", ("jax", "lora", "remat+memsched"), ("jax", "full", "remat")),
+        ("lora-jax: LoRA remat+memsched / full fp32", ("jax", "lora", "remat+memsched"), ("jax", "full", "fp32")),
+        ("lora-jax LoRA: remat+memsched / remat", ("jax", "lora", "remat+memsched"), ("jax", "lora", "remat")),
+        ("lora-jax LoRA: remat-cheap+memsched / remat-cheap", ("jax", "lora", "remat-cheap+memsched"),
+         ("jax", "lora", "remat-cheap")),
         ("PyTorch: LoRA / full (fp32)", ("torch", "lora", "fp32"), ("torch", "full", "fp32")),
         ("LoRA fp32: lora-jax / PyTorch+peft", ("jax", "lora", "fp32"), ("torch", "lora", "fp32")),
         ("LoRA bf16: lora-jax / PyTorch+peft", ("jax", "lora", "bf16"), ("torch", "lora", "bf16")),
@@ -369,6 +388,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         ("LoRA: lora-jax remat-qkv / PyTorch+peft fp32", ("jax", "lora", "remat-qkv"), ("torch", "lora", "fp32")),
         ("LoRA: lora-jax remat-qkv / PyTorch+peft remat", ("jax", "lora", "remat-qkv"), ("torch", "lora", "remat")),
         ("LoRA, both remat: lora-jax / PyTorch+peft", ("jax", "lora", "remat"), ("torch", "lora", "remat")),
+        ("LoRA, both remat: lora-jax +memsched / PyTorch+peft", ("jax", "lora", "remat+memsched"),
+         ("torch", "lora", "remat")),
         ("LoRA: lora-jax bf16-base+remat / PyTorch+peft remat", ("jax", "lora", "bf16-base+remat"),
          ("torch", "lora", "remat")),
         ("AdaLoRA (r 12, all) / LoRA r=12 all (merged)", ("jax", "adalora", "merged"), ("jax", "lora-all-r12", "merged")),
@@ -457,11 +478,11 @@ def main() -> int:
         try:
             grid = [tuple(c.split(":")) for c in args.cells.split(",")]
             assert all(len(c) == 3 and (
-                (c[0] == "jax" and c[1] in ("full", *JAX_LORA) and c[2] in VARIANTS)
+                (c[0] == "jax" and c[1] in ("full", *JAX_LORA) and split_variant(c[2])[0] in VARIANTS)
                 or (c[0] == "torch" and c[1] in ("lora", "full") and c[2] in TORCH_VARIANTS)) for c in grid)
         except AssertionError:
             print(f"error: --cells takes framework:method:variant with jax methods full, {', '.join(JAX_LORA)}, "
-                  f"torch methods lora, full; jax variants {', '.join(VARIANTS)}; torch variants "
+                  f"torch methods lora, full; jax variants {', '.join(VARIANTS)}, each also with {MEMORY_SCHEDULER}; torch variants "
                   f"{', '.join(TORCH_VARIANTS)}",
                   file=sys.stderr)
             return 2
