@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import METHODS, ConfigValueError, TrainConfig, preset
+from .config import METHODS, XLA_SCHEDULERS, ConfigValueError, TrainConfig, preset
 
 # Errors that are the user's input, not our bug: one line, no traceback.
 def _user_errors():
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="recompute activations in the backward pass: attention = the attention probabilities, cheap = "
       "those and the FFN activation, qkv / full / dots = each whole layer, saving q, k, v / nothing / the "
       "matmul outputs (default cheap; none keeps every activation)")
-    a("--xla-scheduler", choices=("default", "memory"),
+    a("--xla-scheduler", choices=XLA_SCHEDULERS,
       help="XLA:CPU's instruction scheduler for the train step; memory: its memory-optimised one, which with "
       "--remat full or qkv lowers the CPU step's peak (results/bench/); no effect on GPU (default default)")
     a("--seed", type=int, help=f"default {d.seed}")

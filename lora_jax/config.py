@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from .lora import TARGET_PRESETS, LoraConfig, full_finetuning
 
 METHODS = ("lora", "full", "adalora")
+# --xla-scheduler: XLA:CPU's default instruction scheduler or its memory-optimised one (train.compiler_options).
+XLA_SCHEDULERS = ("default", "memory")
 
 
 class ConfigValueError(ValueError):
@@ -72,7 +74,7 @@ class TrainConfig:
     # gradients equal to 1e-6 (tests), 0.71x the LoRA step's peak memory on an H100 at no measured
     # cost in speed there or on the CPU (results/bench/).
     remat: str = "cheap"
-    # XLA:CPU's instruction scheduler for the train step: "default" or "memory" (no effect elsewhere).
+    # XLA:CPU's instruction scheduler for the train step, one of XLA_SCHEDULERS (no effect elsewhere).
     xla_scheduler: str = "default"
     # bookkeeping
     seed: int = 0
@@ -108,8 +110,9 @@ class TrainConfig:
         if self.num_buckets < 0:
             raise ConfigValueError(f"--num-buckets must be >= 0 (0: pad every batch to --max-seq-len), "
                                    f"got {self.num_buckets}")
-        if self.xla_scheduler not in ("default", "memory"):
-            raise ConfigValueError(f"--xla-scheduler must be default or memory, got {self.xla_scheduler!r}")
+        if self.xla_scheduler not in XLA_SCHEDULERS:
+            raise ConfigValueError(f"--xla-scheduler must be one of {', '.join(XLA_SCHEDULERS)}, "
+                                   f"got {self.xla_scheduler!r}")
         if self.lora_forward not in ("auto", "factored", "merged"):
             raise ConfigValueError(f"--lora-forward must be auto, factored or merged, got {self.lora_forward!r}")
         if self.lora_forward == "merged" and self.lora_dropout > 0:

@@ -129,7 +129,7 @@ def make_loss_fn(mcfg: ModelConfig, lcfg: lora.LoraConfig, *, mode: str, regress
     return loss_fn
 
 
-# --xla-scheduler: XLA:CPU's instruction schedulers by name. Other backends ignore the choice.
+# config.XLA_SCHEDULERS -> XLA:CPU's scheduler types. Other backends ignore the choice.
 XLA_CPU_SCHEDULERS = {"default": "CPU_SCHEDULER_TYPE_DEFAULT", "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
@@ -154,8 +154,8 @@ def make_train_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, optimizer, *, mode
     global batch whatever the number of devices.
 
     ``xla_scheduler="memory"`` compiles the step with XLA:CPU's memory-optimised scheduler (CPU only):
-    with a layer remat policy it keeps the recomputation's dropout bits from being prepared in the
-    forward pass and held to the backward (results/profile/xla-cpu-remat/).
+    with a layer remat policy it keeps the counters of the recomputation's dropout draws from being
+    prepared in the forward pass and held to the backward (results/profile/xla-cpu-remat/).
     """
 
     loss_fn = make_loss_fn(mcfg, lcfg, mode=mode, regression=regression, ada=ada)
