@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from .lora import TARGET_PRESETS, LoraConfig, full_finetuning
 
 METHODS = ("lora", "full", "adalora")
-# --xla-scheduler: XLA:CPU's default instruction scheduler or its memory-optimised one (train.compiler_options).
-XLA_SCHEDULERS = ("default", "memory")
+# --xla-scheduler -> XLA:CPU's scheduler type: its default or its memory-optimised one (train.compiler_options).
+XLA_CPU_SCHEDULERS = {"default": "CPU_SCHEDULER_TYPE_DEFAULT", "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+XLA_SCHEDULERS = tuple(XLA_CPU_SCHEDULERS)
 
 
 class ConfigValueError(ValueError):

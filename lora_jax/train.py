@@ -29,7 +29,7 @@ import optax
 
 from . import data as data_lib
 from . import adaptive, lora, metrics, parallel, profiling, weights
-from .config import TrainConfig
+from .config import XLA_CPU_SCHEDULERS, TrainConfig
 from .model import ModelConfig, forward
 
 log = logging.getLogger(__name__)
@@ -129,12 +129,9 @@ def make_loss_fn(mcfg: ModelConfig, lcfg: lora.LoraConfig, *, mode: str, regress
     return loss_fn
 
 
-# config.XLA_SCHEDULERS -> XLA:CPU's scheduler types. Other backends ignore the choice.
-XLA_CPU_SCHEDULERS = {"default": "CPU_SCHEDULER_TYPE_DEFAULT", "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-
-
 def compiler_options(xla_scheduler: str) -> dict[str, str] | None:
-    """The XLA options for a train step under ``xla_scheduler`` on this process's backend (None: XLA's own)."""
+    """The XLA options for a train step under ``xla_scheduler`` on this process's backend (None: XLA's own;
+    other backends than the CPU ignore the choice)."""
     if xla_scheduler == "default" or jax.default_backend() != "cpu":
         return None
     return {"xla_cpu_scheduler_type": XLA_CPU_SCHEDULERS[xla_scheduler]}
