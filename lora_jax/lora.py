@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .dropout import dropout
 from .model import cast_matmul
 
 Params = dict[str, Any]
@@ -256,10 +257,7 @@ class LoraKernel:
 
     def __rmatmul__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        h = x
-        if self.key is not None and self.dropout > 0.0:
-            keep = jax.random.bernoulli(self.key, 1.0 - self.dropout, x.shape)
-            h = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(dt)
+        h = dropout(x, self.dropout, self.key)
         # 2-D rows, as model.Dense does for plain kernels: XLA's CPU backend runs the gradients of
         # (batch, seq, d) products (two contracting dimensions) in a slow loop.
         rows, h = x.reshape(-1, x.shape[-1]), h.reshape(-1, x.shape[-1])

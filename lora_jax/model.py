@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from .dropout import Dropout, keep_mask
+
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -252,7 +254,7 @@ class Embeddings(nn.Module):
             + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
         )
         x = LayerNorm(cfg, name="LayerNorm")(x)
-        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        return Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class SelfAttention(nn.Module):
@@ -268,7 +270,7 @@ class SelfAttention(nn.Module):
         k = split(checkpoint_name(Dense(cfg.hidden_size, cfg, name="key")(x), "qkv"))
         v = split(checkpoint_name(Dense(cfg.hidden_size, cfg, name="value")(x), "qkv"))
         rate = cfg.attention_probs_dropout_prob
-        # Named Dropout_0, the name nn.Dropout had here before, so that the masks do not change.
+        # Named Dropout_0, the name nn.Dropout had here before, so that the keys do not change.
         key = None if deterministic or rate == 0.0 else _DropoutKey(name="Dropout_0")()
         attend = partial(_attend, rate=rate)
         if cfg.remat in ("attention", "cheap"):
@@ -279,8 +281,8 @@ class SelfAttention(nn.Module):
 
 
 class _DropoutKey(nn.Module):
-    """The key ``nn.Dropout`` would draw at this module's path (the attention dropout runs
-    outside Flax, inside ``jax.checkpoint``, and must drop what ``nn.Dropout`` dropped)."""
+    """The key ``Dropout`` would draw at this module's path (the attention dropout runs
+    outside Flax, inside ``jax.checkpoint``, and must drop what ``Dropout`` dropped)."""
 
     @nn.compact
     def __call__(self):
@@ -295,9 +297,10 @@ def _attend(q, k, v, bias, key, *, rate):
     # Softmax in float32: bfloat16 logits lose the small differences that matter here.
     probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(q.dtype)
     if key is not None:
-        # nn.Dropout's arithmetic, so that both paths give the same numbers.
-        keep = checkpoint_name(jax.random.bernoulli(key, 1.0 - rate, probs.shape), "attention_keep")
-        probs = jax.lax.select(keep, probs / (1.0 - rate), jnp.zeros_like(probs))
+        # dropout.dropout's arithmetic, with the mask named for the "qkv" and "cheap" policies.
+        keep, scale = keep_mask(key, rate, probs.shape)
+        keep = checkpoint_name(keep, "attention_keep")
+        probs = jax.lax.select(keep, probs * jnp.asarray(scale, probs.dtype), jnp.zeros_like(probs))
     return jnp.einsum("bnqk,bknd->bqnd", probs, v)
 
 
@@ -310,7 +313,7 @@ class DenseOutput(nn.Module):
     @nn.compact
     def __call__(self, x, residual, *, deterministic):
         h = Dense(self.features, self.cfg, name="dense")(x)
-        h = nn.Dropout(self.cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+        h = Dropout(self.cfg.hidden_dropout_prob)(h, deterministic=deterministic)
         return LayerNorm(self.cfg, name="LayerNorm")(h + residual)
 
 
@@ -417,7 +420,7 @@ class RobertaHead(nn.Module):
     def __call__(self, first, *, deterministic):
         cfg = self.cfg
         rate = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
-        drop = lambda t: nn.Dropout(rate)(t, deterministic=deterministic)
+        drop = lambda t: Dropout(rate)(t, deterministic=deterministic)
         h = jnp.tanh(Dense(cfg.hidden_size, cfg, name="dense")(drop(first)))
         return Dense(cfg.num_labels, cfg, name="out_proj")(drop(h))
 
@@ -457,7 +460,7 @@ class EncoderForClassification(nn.Module):
             logits = RobertaHead(cfg, name="classifier")(first, deterministic=deterministic)
         else:
             rate = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
-            pooled = nn.Dropout(rate)(Pooler(cfg, name="pooler")(first), deterministic=deterministic)
+            pooled = Dropout(rate)(Pooler(cfg, name="pooler")(first), deterministic=deterministic)
             logits = Dense(cfg.num_labels, cfg, name="classifier")(pooled)
         return {"logits": logits.astype(jnp.float32), "hidden": hidden}
 

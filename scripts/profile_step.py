@@ -35,7 +35,7 @@ CLASSES = ("matmul", "attention softmax/mask/scale", "dropout", "LayerNorm", "GE
 
 
 def jax_class(name: str, op: str) -> str:
-    if "Dropout" in op or "bernoulli" in op or "_uniform" in op:
+    if "dropout" in op.lower() or "threefry" in op or "bernoulli" in op or "_uniform" in op:
         return "dropout"
     if "dot_general" in op or name.startswith(("dot", "ynn_fusion", "xnn_fusion", "onednn")) and "reduce" not in op:
         return "matmul"
