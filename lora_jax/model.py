@@ -360,7 +360,7 @@ class LayerStack(nn.Module):
     def __call__(self, x, bias, *, deterministic):
         if self.cfg.remat not in LAYER_REMAT_POLICIES:
             for i in range(self.cfg.num_hidden_layers):
-                x = Layer(self.cfg, name=str(i))(x, bias, deterministic)
+                x = _unfused_gradient(Layer(self.cfg, name=str(i))(x, bias, deterministic))
             return x
         # static_argnums counts the module as argument 0: `deterministic` is a Python bool.
         block = nn.remat(Layer, policy=LAYER_REMAT_POLICIES[self.cfg.remat], static_argnums=(3,))
@@ -369,6 +369,25 @@ class LayerStack(nn.Module):
         for i in range(self.cfg.num_hidden_layers):
             x = call(block(self.cfg, name=str(i)), x, bias)
         return x
+
+
+def _unfusable(d: jax.Array) -> jax.Array:
+    """``d`` divided by (1 + 0 x itself): the same numbers (NaN where ``d`` is inf or NaN), but XLA's
+    fusion counts a float divide as expensive and never copies it into several consumers."""
+    return d / (1 + 0 * d)
+
+
+@jax.custom_vjp
+def _unfused_gradient(x):
+    """The identity, with its gradient passed through ``_unfusable``. Between layers that are not
+    rematerialised: without it XLA:CPU's fusion recomputed the residual stream's gradient chain
+    (LayerNorm backward, dropout, adds) from the top layer down inside each consumer, so the first
+    layers' backward fusions cost the most (80 ms each in a roberta-base LoRA step, profiled) and the
+    step with --remat cheap took 6.15 s instead of 4.85 s (results/bench/roberta-b16-s128-cpu-gate.md)."""
+    return x
+
+
+_unfused_gradient.defvjp(lambda x: (x, None), lambda _, g: (_unfusable(g),))
 
 
 # A rematerialised layer's recomputation depends only on what the forward pass saved (its input; with
@@ -400,7 +419,7 @@ def _gated_backward(vjp_fn, g, *, rows):
     zero = 0 * g.reshape(-1)[0]
     saved = [s + zero.astype(s.dtype) if activation(s) else s for s in saved]
     grads = jax.tree.unflatten(tree, saved)(g)
-    return jax.tree.map(lambda d: d / (1 + 0 * d) if activation(d) else d, grads)
+    return jax.tree.map(lambda d: _unfusable(d) if activation(d) else d, grads)
 
 
 class Encoder(nn.Module):
