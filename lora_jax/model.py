@@ -419,7 +419,11 @@ def _gated_backward(vjp_fn, g, *, rows):
     zero = 0 * g.reshape(-1)[0]
     saved = [s + zero.astype(s.dtype) if activation(s) else s for s in saved]
     grads = jax.tree.unflatten(tree, saved)(g)
-    return jax.tree.map(lambda d: _unfusable(d) if activation(d) else d, grads)
+    # The parameters' gradients (LoRA's A and B, ...) tied into the gradient handed down, so that
+    # their small dots run now and free the (B·T, H) arrays they read.
+    weights = [w for w in jax.tree.leaves(grads) if not activation(w) and jnp.issubdtype(w.dtype, jnp.floating)]
+    tie = sum((0 * w.reshape(-1)[0] for w in weights), start=jnp.zeros((), g.dtype))
+    return jax.tree.map(lambda d: _unfusable(d + tie.astype(d.dtype)) if activation(d) else d, grads)
 
 
 class Encoder(nn.Module):
