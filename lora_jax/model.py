@@ -411,6 +411,11 @@ def _layer_forward(layer, x, bias, *, deterministic):
     return nn.vjp(partial(_call_layer, deterministic=deterministic), layer, x, bias)
 
 
+def _low_rank(w: jax.Array) -> bool:
+    """A 2-D float array at least 8 times longer than wide: the shape of a low-rank factor."""
+    return w.ndim == 2 and jnp.issubdtype(w.dtype, jnp.floating) and 8 * min(w.shape) <= max(w.shape)
+
+
 def _gated_backward(vjp_fn, g, *, rows):
     """vjp_fn's saved values, the float ones of shape (B, T, ...), made to depend on ``g``; then vjp_fn(g),
     its (B, T, ...) float gradients passed through an identity XLA will not fuse into their consumers."""
@@ -419,10 +424,12 @@ def _gated_backward(vjp_fn, g, *, rows):
     zero = 0 * g.reshape(-1)[0]
     saved = [s + zero.astype(s.dtype) if activation(s) else s for s in saved]
     grads = jax.tree.unflatten(tree, saved)(g)
-    # The parameters' gradients (LoRA's A and B, ...) tied into the gradient handed down, so that
-    # their small dots run now and free the (B·T, H) arrays they read.
-    weights = [w for w in jax.tree.leaves(grads) if not activation(w) and jnp.issubdtype(w.dtype, jnp.floating)]
-    tie = sum((0 * w.reshape(-1)[0] for w in weights), start=jnp.zeros((), g.dtype))
+    # Low-rank factors' gradients (LoRA's A and B, AdaLoRA's P and Q) tied into the gradient handed
+    # down, so that their dots (small outputs from (B·T, ·) arrays, which nothing else waits for) run
+    # now and free what they read. Not other parameters': a frozen weight's gradient is dead code that
+    # XLA drops, and tying it in would compute it (tried: 1.3x the step time).
+    factors = [w for w in jax.tree.leaves(grads) if _low_rank(w)]
+    tie = sum((0 * w.reshape(-1)[0] for w in factors), start=jnp.zeros((), g.dtype))
     return jax.tree.map(lambda d: _unfusable(d + tie.astype(d.dtype)) if activation(d) else d, grads)
 
 
