@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.extend.random import threefry2x32_p
 
 _BITS = 16
@@ -58,12 +59,15 @@ def keep_mask(key: jax.Array, rate: float, shape: tuple[int, ...]) -> tuple[jax.
     return keep, 2**_BITS / threshold
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+def dropout(x: jax.Array, rate: float, key: jax.Array | None, *, mask_name: str | None = None) -> jax.Array:
     """``x`` with each element zeroed with probability ≈ ``rate`` and the rest scaled up; ``x``
-    itself when ``key`` is None or ``rate`` is 0. Keeps ``x``'s dtype."""
+    itself when ``key`` is None or ``rate`` is 0. Keeps ``x``'s dtype. ``mask_name`` names the
+    bool mask for ``jax.checkpoint`` policies (``checkpoint_name``)."""
     if key is None or rate == 0.0:
         return x
     keep, scale = keep_mask(key, rate, x.shape)
+    if mask_name is not None:
+        keep = checkpoint_name(keep, mask_name)
     return lax.select(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros_like(x))
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from .dropout import Dropout, keep_mask
+from .dropout import Dropout, dropout
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -296,11 +296,8 @@ def _attend(q, k, v, bias, key, *, rate):
     scores = jnp.einsum("bqnd,bknd->bnqk", q * (1.0 / q.shape[-1] ** 0.5), k)
     # Softmax in float32: bfloat16 logits lose the small differences that matter here.
     probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(q.dtype)
-    if key is not None:
-        # dropout.dropout's arithmetic, with the mask named for the "qkv" and "cheap" policies.
-        keep, scale = keep_mask(key, rate, probs.shape)
-        keep = checkpoint_name(keep, "attention_keep")
-        probs = jax.lax.select(keep, probs * jnp.asarray(scale, probs.dtype), jnp.zeros_like(probs))
+    # The mask named for the "qkv", "attention" and "cheap" policies, which keep it.
+    probs = dropout(probs, rate, key, mask_name="attention_keep")
     return jnp.einsum("bnqk,bknd->bqnd", probs, v)
 
 
