@@ -269,17 +269,55 @@ def encode(tokenizer, examples: Examples, max_seq_len: int) -> Encoded:
 
 
 def bucket_lengths(max_seq_len: int, num_buckets: int, lengths: np.ndarray | None = None) -> tuple[int, ...]:
-    """At most ``num_buckets`` padded lengths, evenly spaced, multiples of 8 where possible.
+    """At most ``num_buckets`` padded lengths, plus ``max_seq_len``, sorted.
 
-    With ``lengths`` (the training set's), the spacing stops at the longest
-    example, so short-sentence tasks (SST-2) get short buckets; ``max_seq_len``
-    is always the last bucket (compiled only if a batch needs it).
+    With ``lengths`` (the training set's): the lengths that pad those examples
+    least (`fit_buckets`), so a short-sentence task (SST-2: median 10 tokens)
+    gets its buckets where its examples are. Without: evenly spaced up to
+    ``max_seq_len``, multiples of 8 where possible. ``max_seq_len`` is always
+    the last bucket (compiled only if a batch needs it).
     """
+    if lengths is not None and len(lengths):
+        return tuple(sorted({*fit_buckets(np.minimum(lengths, max_seq_len), num_buckets), max_seq_len}))
     round8 = lambda n: min(max(math.ceil(n / 8) * 8, 8), max_seq_len)
-    top = max_seq_len if lengths is None or not len(lengths) else round8(int(np.max(lengths)))
-    out = {round8(top * i / num_buckets) for i in range(1, num_buckets + 1)}
-    out.add(max_seq_len)
-    return tuple(sorted(out))
+    return tuple(sorted({round8(max_seq_len * i / num_buckets) for i in range(1, num_buckets + 1)} | {max_seq_len}))
+
+
+def fit_buckets(lengths: np.ndarray, num_buckets: int) -> tuple[int, ...]:
+    """The ``num_buckets`` lengths that minimise the token slots of ``lengths`` padded to them.
+
+    Each example is padded to the smallest bucket that holds it, so the
+    longest length is a bucket. Exact, by dynamic programming over the distinct
+    lengths ``v`` (an optimal bucket sits on one of them): the fewest slots for
+    the examples up to ``v[j]`` with ``k`` buckets, the last at ``v[j]``, is
+    ``cost_k[j] = min over i < j of cost_{k-1}[i] + v[j] * #(v[i] < length <= v[j])``.
+    Each step is one (distinct, distinct) array: milliseconds at 512 distinct lengths.
+
+    Batches are padded to their longest example (``collate``), so they pad a
+    little more than this counts; ``train_order``'s length-sorted batches keep
+    the difference small (SST-2, batch 32, 16 buckets: 8.4% of slots are padding).
+    """
+    values, counts = np.unique(np.asarray(lengths, np.int64), return_counts=True)
+    if len(values) <= num_buckets:
+        return tuple(int(v) for v in values)
+    n = len(values)
+    upto = np.concatenate([[0], np.cumsum(counts)])  # upto[j]: examples shorter than values[j]
+    earlier = np.triu(np.ones((n, n), bool), 1)  # [i, j]: i < j
+    unreachable = np.iinfo(np.int64).max // 4  # fewer lengths than buckets so far; never chosen at the end
+    cost = values * upto[1:]  # one bucket, at values[j]
+    best_prev = []
+    for _ in range(num_buckets - 1):
+        total = cost[:, None] + values[None, :] * (upto[None, 1:] - upto[1:, None])
+        total = np.where(earlier, total, unreachable)
+        prev = total.argmin(0)
+        cost = total[prev, np.arange(n)]
+        best_prev.append(prev)
+    j = n - 1
+    out = [values[j]]
+    for prev in reversed(best_prev):
+        j = prev[j]
+        out.append(values[j])
+    return tuple(sorted(int(v) for v in out))
 
 
 def bucket_for(length: int, buckets: tuple[int, ...]) -> int:

@@ -1,5 +1,7 @@
 """GLUE reading (the real files and their quirks), tokenizing, bucketing and batching."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -90,7 +92,30 @@ def test_bucket_lengths():
     assert data_lib.bucket_for(17, (16, 32)) == 32
     short = np.random.default_rng(0).integers(4, 30, 1000)
     fitted = data_lib.bucket_lengths(128, 4, short)
-    assert fitted == (8, 16, 24, 32, 128)
+    assert len(fitted) == 5 and fitted[-2:] == (29, 128)  # the longest example, then --max-seq-len
+    assert data_lib.bucket_lengths(16, 4, np.array([3, 3, 40])) == (3, 16)  # truncated to --max-seq-len
+    batches = [np.arange(i, i + 10) for i in range(0, 1000, 10)]
+    spaced = tuple(b for b in data_lib.bucket_lengths(32, 4) if b >= 8)
+    assert data_lib.padding_share(short, batches, fitted) <= data_lib.padding_share(short, batches, spaced)
+
+
+def test_fit_buckets_finds_the_least_padding():
+    """Against every choice of buckets, on small random length sets."""
+    rng = np.random.default_rng(1)
+
+    def slots(lengths, buckets):
+        b = np.array(sorted(buckets))
+        return int(b[np.searchsorted(b, lengths)].sum())
+
+    for _ in range(100):
+        lengths = rng.integers(1, 40, rng.integers(1, 60))
+        k = int(rng.integers(1, 6))
+        got = data_lib.fit_buckets(lengths, k)
+        values = np.unique(lengths)
+        best = min(slots(lengths, c + (values[-1],))
+                   for c in itertools.combinations(values[:-1], min(k, len(values)) - 1))
+        assert slots(lengths, got) == best
+        assert len(got) == min(k, len(values)) and got[-1] == lengths.max()
 
 
 def test_train_order_is_deterministic_and_covers_data():
