@@ -194,7 +194,7 @@ def mixed_forward(mcfg: ModelConfig, bank: dict, frozen: dict, batch: dict, idx:
         zero = jnp.zeros(stacked.shape[1:], stacked.dtype)
         params[path] = (GatheredKernel(zero, stacked, None, idx) if path.endswith("kernel")
                         else GatheredBias(zero, stacked, idx))
-    return forward(mcfg, lora.unflatten(params), batch)["logits"]
+    return forward(mcfg, lora.unflatten(params), batch, hidden=False)["logits"]
 
 
 class PredictError(ValueError):

@@ -119,7 +119,7 @@ def make_loss_fn(mcfg: ModelConfig, lcfg: lora.LoraConfig, *, mode: str, regress
     def loss_fn(trainable, frozen, batch, rng):
         k_lora, k_drop = jax.random.split(rng)
         params = model_params(trainable, frozen, lcfg, mode=mode, rng=k_lora)
-        logits = forward(mcfg, params, batch, train=True, rng=k_drop)["logits"]
+        logits = forward(mcfg, params, batch, train=True, rng=k_drop, hidden=False)["logits"]
         loss = task_loss(logits, batch["labels"], regression)
         if ada is None or ada.orth_reg == 0:
             return loss, loss
@@ -185,7 +185,7 @@ def make_eval_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, mesh=None) -> Calla
 
     def evaluate(trainable, frozen, batch):
         params = model_params(trainable, frozen, lcfg, mode="merged")
-        return forward(mcfg, params, batch, train=False)["logits"]
+        return forward(mcfg, params, batch, train=False, hidden=False)["logits"]
 
     if mesh is None:
         return jax.jit(evaluate)
@@ -318,7 +318,7 @@ def gradient_init(s: Setup, n_batches: int) -> dict[str, jax.Array]:
     def grad(kernels, rest, head, batch):
         def loss(kernels):
             params = lora.combine(rest, head, {f"params/{p}": w for p, w in kernels.items()})["params"]
-            logits = forward(s.mcfg, params, batch, train=False)["logits"]
+            logits = forward(s.mcfg, params, batch, train=False, hidden=False)["logits"]
             return task_loss(logits, batch["labels"], s.task.is_regression)
         return jax.tree.map(lambda g: g.astype(jnp.float32), jax.grad(loss)(kernels))  # a bf16 base too
 

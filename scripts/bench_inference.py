@@ -90,8 +90,8 @@ def main() -> int:
     tree, merged, bank = jax.device_put((tree, merged, bank))
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves((params, tree, merged, bank, frozen_no_head)))
 
-    plain = jax.jit(lambda prm, b: forward(mcfg, prm, b)["logits"])
-    factored = jax.jit(lambda prm, ad, b: forward(mcfg, lora.apply(prm, ad, lcfg), b)["logits"])
+    plain = jax.jit(lambda prm, b: forward(mcfg, prm, b, hidden=False)["logits"])
+    factored = jax.jit(lambda prm, ad, b: forward(mcfg, lora.apply(prm, ad, lcfg), b, hidden=False)["logits"])
     mixed = {m: jax.jit(lambda bk, fr, b, i, m=m: mixed_forward(mcfg, bk, fr, b, i, m)) for m in impls}
 
     def timed_together(cells: dict[str, tuple]) -> dict[str, list[float]]:

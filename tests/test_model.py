@@ -151,6 +151,30 @@ def test_remat_same_gradients():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ref, grads(policy))
 
 
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_logits_alone_same_logits_and_gradients_for_less_work(model_type):
+    """hidden=False (training, evaluation, serving): the last layer runs the first token's row alone."""
+    base = dict(model_type=model_type, vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=40, type_vocab_size=2)
+    params = init_params(ModelConfig(**base), jax.random.key(0))
+    ids, mask, _ = padded_batch(64, 1)
+    batch = {"input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32)}
+    for remat in ("none", "cheap", "full"):
+        cfg = ModelConfig(**base, remat=remat)
+        loss = lambda p, hidden: jnp.square(forward(cfg, p, batch, hidden=hidden)["logits"]).sum()
+        alone = forward(cfg, params, batch, hidden=False)
+        assert set(alone) == {"logits"}
+        np.testing.assert_allclose(alone["logits"], forward(cfg, params, batch)["logits"], atol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                     jax.grad(loss)(params, True), jax.grad(loss)(params, False))
+        # With dropout: the same key gives a train step of the same shapes and finite gradients.
+        train = lambda p: forward(cfg, p, batch, train=True, rng=jax.random.key(1), hidden=False)["logits"].sum()
+        assert all(np.isfinite(g).all() for g in jax.tree.leaves(jax.grad(train)(params)))
+    flops = {h: jax.jit(jax.grad(loss), static_argnums=1).lower(params, h).compile().cost_analysis()["flops"]
+             for h in (True, False)}
+    assert flops[False] < 0.8 * flops[True], flops  # 2 layers: the second's queries, FFN and output on 1 row of 11
+
+
 def test_layer_remat_lowers_the_compiled_step_memory():
     # What XLA allocates, not what JAX hands it: a recomputation that may run early (in the forward
     # pass) saves nothing. Before the gradient gate (model._gated_backward) "qkv" and "full" left this
