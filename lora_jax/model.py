@@ -450,7 +450,7 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, bias, *, deterministic):
-        return LayerStack(self.cfg, self.first_only, name="layer")(x, bias, deterministic=deterministic)
+        return LayerStack(self.cfg, first_only=self.first_only, name="layer")(x, bias, deterministic=deterministic)
 
 
 class RobertaHead(nn.Module):
@@ -493,7 +493,7 @@ class EncoderForClassification(nn.Module):
 
         ``hidden=False``: ``logits`` alone, and the last layer computes only the first token's row,
         the one the head reads (its keys and values still see every token): the same logits for
-        about 1 - 5/6 / L of the encoder's work (MiniLM, 6 layers: 0.86; roberta-base: 0.93).
+        about 1 - 5/(6L) of the encoder's work (MiniLM, 6 layers: 0.86; roberta-base: 0.93).
         """
         cfg = self.cfg
         if token_type_ids is None:
