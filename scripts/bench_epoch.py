@@ -56,12 +56,23 @@ def cell_command(cell: str, args, out: Path) -> list[str]:
         cmd += ["--eval-every", str(steps)]
     if framework == "jax":
         cmd += ["--save-every", "1000000"]  # a throughput run: no mid-run checkpoints
+        if args.compile_cache:
+            cmd += ["--compile-cache", args.compile_cache]
     return cmd
+
+
+def cache_entries(directory: str | None) -> int | None:
+    """Files in a compilation cache directory (0 when it does not exist yet); None without one."""
+    if not directory:
+        return None
+    path = Path(directory).expanduser()
+    return sum(1 for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def run_cell(cell: str, args) -> dict:
     out = Path(args.runs) / cell.replace(":", "-")
     cmd = cell_command(cell, args, out)
+    cached = cache_entries(args.compile_cache) if cell.startswith("jax") else None
     print(f"[epoch] {cell}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     t0 = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -85,6 +96,8 @@ def run_cell(cell: str, args) -> dict:
         "step_time_median_s": r["step_time_median_s"],
         "wall_time_s": r["wall_time_s"],
         "compile_s": r.get("compile_time_s"),  # lora-jax's train steps; PyTorch compiles nothing
+        "compile_cache": r.get("compile_cache"),
+        "compile_cache_entries_before": cached,  # 0: a cold cache, which this run fills
         "padding_share": padded,
         "dev": {metric: r["metrics"][split]["final"]["values"][metric]},
         "peak_rss_bytes": r["memory"]["peak_rss_bytes"],
@@ -108,6 +121,11 @@ def markdown(record: dict) -> str:
         "Examples/s over the timed steps (each shape's first step and compilation excluded). "
         "`full epoch` no: the first N batches of the epoch's random batch order, an estimate of the epoch's rate.",
         "",
+        *[f"{r['cell']}: JAX's persistent compilation cache `{r['compile_cache']}`, "
+          f"{r['compile_cache_entries_before']} files in it before the run "
+          f"({'cold: this run compiled and filled it' if not r['compile_cache_entries_before'] else 'warm: compiled steps loaded from it, tracing and lowering still run'})."
+          for r in rows if r.get("compile_cache")],
+        *([""] if any(r.get("compile_cache") for r in rows) else []),
         "| cell | steps | full epoch | examples/s | tokens/s | median step (s) | padding share | wall (s) | "
         "compile (s) | dev |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
@@ -175,6 +193,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, help="steps per cell (default: one epoch)")
     p.add_argument("--pad-steps", type=int, help="steps of the padded cells (default: as --steps)")
     p.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated, from {', '.join(CELLS)}")
+    p.add_argument("--compile-cache", metavar="DIR", default=os.environ.get("LORA_JAX_COMPILE_CACHE"),
+                   help="JAX's persistent compilation cache for the lora-jax cells (train.py --compile-cache): "
+                   "a run after one that filled DIR loads the compiled steps (default: $LORA_JAX_COMPILE_CACHE, else off)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "bench-epoch"), help="run directories")
     p.add_argument("--out", default=str(ROOT / "results" / "epoch"))
     p.add_argument("--name", help="output file stem (default <task>-b<batch>-<platform>)")
@@ -191,6 +212,13 @@ def main() -> int:
         v = getattr(args, flag)
         if v is not None and v < 1:
             print(f"error: --{flag.replace('_', '-')} must be >= 1, got {v}", file=sys.stderr)
+            return 2
+
+    if args.compile_cache:
+        try:
+            Path(args.compile_cache).expanduser().mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"error: --compile-cache {args.compile_cache}: cannot create it ({e.strerror})", file=sys.stderr)
             return 2
 
     from lora_jax import profiling

@@ -20,7 +20,8 @@ def test_bench_epoch_cells(tiny_bert_dir, glue_dir, tmp_path):
     out = tmp_path / "epoch"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_epoch.py"), "--model", str(tiny_bert_dir),
            "--data-dir", str(glue_dir), "--batch-size", "8", "--max-seq-len", "48", "--num-buckets", "2",
-           "--pad-steps", "3", "--runs", str(tmp_path / "runs"), "--out", str(out), "--name", "t"]
+           "--pad-steps", "3", "--runs", str(tmp_path / "runs"), "--out", str(out), "--name", "t",
+           "--compile-cache", str(tmp_path / "xla-cache")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((out / "t.json").read_text())
@@ -35,6 +36,21 @@ def test_bench_epoch_cells(tiny_bert_dir, glue_dir, tmp_path):
     assert all(r["examples_per_s"] > 0 for r in rows.values())
     assert "lora-jax buckets / the faster PyTorch cell" in record["ratios"]
     assert (out / "t.md").is_file() and (out / "t.png").stat().st_size > 1000
+    # The cache reached the lora-jax runs: the first found it empty and filled it, the second found it filled.
+    assert rows["jax:buckets"]["compile_cache"] == rows["jax:pad"]["compile_cache"] == str(tmp_path / "xla-cache")
+    assert rows["jax:buckets"]["compile_cache_entries_before"] == 0 < rows["jax:pad"]["compile_cache_entries_before"]
+    assert rows["torch:dynamic"]["compile_cache"] is None
+    assert "cold: this run compiled and filled it" in (out / "t.md").read_text()
+
+
+def test_bench_epoch_rejects_unusable_compile_cache(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_epoch.py"), "--compile-cache",
+                           str(blocker / "cache"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "--compile-cache" in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("cells, named", [("jax:nope", "jax:nope"), (",", "names no cell")])
