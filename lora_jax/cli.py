@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-grad-norm", type=float, help=f"default {d.max_grad_norm}")
     a("--max-seq-len", type=int, help=f"default {d.max_seq_len}")
     a("--num-buckets", type=int, help=f"sequence-length buckets (default {d.num_buckets}; 0 pads every "
-      "training batch to --max-seq-len, one static shape)")
+      "training batch to --max-seq-len, one static shape). More buckets pad less and compile one step each "
+      "(SST-2, MiniLM: 8 buckets 16%% padding, 40 s compiling; 32 buckets 5%%, about 170 s, or 34 s from "
+      "--compile-cache)")
     a("--max-train-examples", type=int, help="use only the first N training examples")
     a("--max-eval-examples", type=int, help="use only the first N dev examples")
     a("--param-dtype", choices=("float32", "bfloat16"), help="dtype of the frozen base (default float32)")
