@@ -108,6 +108,14 @@ def run_cell(cell: str, args) -> dict:
     }
 
 
+def cache_note(row: dict) -> str:
+    before = row["compile_cache_entries_before"]
+    state = ("warm: compiled steps loaded from it, tracing and lowering still run" if before
+             else "cold: this run compiled and filled it")
+    return (f"{row['cell']}: JAX's persistent compilation cache `{row['compile_cache']}`, {before} files in it "
+            f"before the run ({state}).")
+
+
 def markdown(record: dict) -> str:
     rows = [r for r in record["rows"] if "error" not in r]
     lines = [
@@ -121,10 +129,7 @@ def markdown(record: dict) -> str:
         "Examples/s over the timed steps (each shape's first step and compilation excluded). "
         "`full epoch` no: the first N batches of the epoch's random batch order, an estimate of the epoch's rate.",
         "",
-        *[f"{r['cell']}: JAX's persistent compilation cache `{r['compile_cache']}`, "
-          f"{r['compile_cache_entries_before']} files in it before the run "
-          f"({'cold: this run compiled and filled it' if not r['compile_cache_entries_before'] else 'warm: compiled steps loaded from it, tracing and lowering still run'})."
-          for r in rows if r.get("compile_cache")],
+        *[cache_note(r) for r in rows if r.get("compile_cache")],
         *([""] if any(r.get("compile_cache") for r in rows) else []),
         "| cell | steps | full epoch | examples/s | tokens/s | median step (s) | padding share | wall (s) | "
         "compile (s) | dev |",
