@@ -220,10 +220,12 @@ def main() -> int:
             return 2
 
     if args.compile_cache:
-        try:
-            Path(args.compile_cache).expanduser().mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            print(f"error: --compile-cache {args.compile_cache}: cannot create it ({e.strerror})", file=sys.stderr)
+        from lora_jax.cli import ConfigValueError, enable_compile_cache
+
+        try:  # here, so that a bad DIR fails once, not in each cell (this only imports JAX, starts no device)
+            enable_compile_cache(args.compile_cache)
+        except ConfigValueError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
 
     from lora_jax import profiling
