@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -48,6 +49,49 @@ def compiled_memory(compiled) -> dict[str, int] | None:
     # Donated arguments alias outputs: count them once.
     out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
     return out
+
+
+_HLO_SHAPE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]")
+_HLO_DOT = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+dot\(%?([\w.\-]+),.*?lhs_contracting_dims=\{([\d,]*)\}")
+
+
+def _dims(text: str) -> list[int]:
+    return [int(d) for d in text.split(",") if d]
+
+
+def matmul_flops(compiled) -> int | None:
+    """Multiply-add FLOPs (2 per multiply-add) of every dot in a compiled XLA executable's optimised
+    HLO, fused or not: 2 x (elements of the dot's output) x (the product of its contracting sizes).
+
+    Counts what XLA runs after its optimisations (dead code gone, recomputation added), on the same
+    basis as ``torch.utils.flop_counter`` for PyTorch's matmuls; XLA's own ``cost_analysis()`` also
+    counts elementwise work. Assumes no dot sits in a loop body (our step has none: the layers are
+    unrolled). None when the executable has no HLO text."""
+    try:
+        text = compiled.as_text()
+    except Exception:
+        return None
+    if not text:
+        return None
+    shapes = {}  # instruction name -> dims; names are unique within an HLO module
+    for line in text.splitlines():
+        m = _HLO_SHAPE.match(line)
+        if m:
+            shapes[m.group(1)] = _dims(m.group(2))
+    total = 0
+    for line in text.splitlines():
+        m = _HLO_DOT.search(line)
+        if not m:
+            continue
+        out, lhs, contracting = _dims(m.group(1)), m.group(2), _dims(m.group(3))
+        k = 1
+        for d in contracting:
+            k *= shapes[lhs][d]
+        n = 1
+        for d in out:
+            n *= d
+        total += 2 * n * k
+    return total
 
 
 def saved_for_backward_bytes(f, primal, *rest) -> int:

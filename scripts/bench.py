@@ -174,6 +174,7 @@ def run_jax(cell: dict) -> dict:
         "compile_cache": cell.get("compile_cache"),
         "xla_python_client_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
         "xla_memory": profiling.compiled_memory(compiled),
+        "matmul_flops": profiling.matmul_flops(compiled),
         "saved_for_backward_bytes": saved,
         "peak_rss_bytes": peak_rss(),
         "versions": profiling.versions("jax", "jaxlib", "flax", "optax"),
@@ -263,6 +264,12 @@ def run_torch(cell: dict) -> dict:
         if i >= cell["warmup"]:
             times.append(time.perf_counter() - t0)
     assert loss_value == loss_value
+    # One more step, after the timed ones, under PyTorch's FLOP counter (matmuls and attention).
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
     return {
         "trainable_params": sum(p.numel() for p in step.params),
         "total_params": sum(p.numel() for p in step.model.parameters()),
@@ -270,6 +277,7 @@ def run_torch(cell: dict) -> dict:
         "compile_s": None,
         "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "xla_memory": None,
+        "matmul_flops": counter.get_total_flops(),
         "saved_for_backward_bytes": saved,
         "peak_rss_bytes": peak_rss(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -339,7 +347,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "counted (JAX: the residuals of `jax.vjp`, found by tracing, before XLA's fusion, which may store "
         "less; PyTorch: the tensors autograd saves, seen through `saved_tensors_hooks`); JAX's is the same on "
         "any device, PyTorch's depends on the kernels it picks there (e.g. its attention); the part of peak "
-        "memory that the activation levers (remat) change.",
+        "memory that the activation levers (remat) change. "
+        "Matmul GFLOP per step: the multiply-adds (2 FLOPs each) of every matrix product the step runs "
+        "(lora-jax: the dots in XLA's optimised program, after dead code is removed and recomputation "
+        "added; PyTorch: `torch.utils.flop_counter` over one step); matmul GFLOP/s: those FLOPs over the "
+        "median step time, the rate the whole step reaches counting its matmuls only.",
         "",
         LEGEND,
         "Peak at compile (GPU, lora-jax): the allocator's peak after compiling the step, before its first run "
@@ -347,18 +359,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "compilation set the peak, and a run with `--compile-cache` filled by an earlier run shows the steps' own.",
         "",
         "| framework | method | variant | trainable params | median step (s) | examples/s | peak memory (MiB) "
-        "| peak at compile (MiB) | XLA analysis (MiB) | peak RSS (MiB) | saved for backward (MiB) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak at compile (MiB) | XLA analysis (MiB) | peak RSS (MiB) | saved for backward (MiB) "
+        "| matmul GFLOP per step | matmul GFLOP/s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['framework']} | {r['method']} | {r['variant']} | error: {r['error'][:120]} | | | | | | | |")
+            lines.append(f"| {r['framework']} | {r['method']} | {r['variant']} | error: {r['error'][:120]} | | | | | | | | | |")
             continue
         xla = r["xla_memory"]["total_bytes"] if r.get("xla_memory") else None
+        flops = r.get("matmul_flops")
+        gflop = "unmeasured" if not flops else f"{flops / 1e9:,.1f}"
+        rate = "unmeasured" if not flops else f"{flops / 1e9 / r['step_time_median_s']:,.0f}"
         lines.append(
             f"| {r['framework']} | {r['method']} | {r['variant']} | {r['trainable_params']:,} | "
             f"{r['step_time_median_s']:.3f} | {r['examples_per_sec']:.2f} | {mib(r['peak_device_bytes'])} | "
-            f"{mib(r.get('peak_device_bytes_after_compile'))} | {mib(xla)} | {mib(r['peak_rss_bytes'])} | {mib(r.get('saved_for_backward_bytes'))} |"
+            f"{mib(r.get('peak_device_bytes_after_compile'))} | {mib(xla)} | {mib(r['peak_rss_bytes'])} | {mib(r.get('saved_for_backward_bytes'))} | "
+            f"{gflop} | {rate} |"
         )
     lines += ["", "## Ratios (same run)", "",
               "| comparison | step time | peak memory (device or XLA) | peak RSS | saved for backward |",

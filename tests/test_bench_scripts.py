@@ -1,7 +1,8 @@
 """The measuring scripts run end to end on a tiny checkpoint and record what they claim to:
 scripts/bench.py (train step, lora-jax vs PyTorch, memory levers), scripts/bench_epoch.py (real-data throughput, buckets vs static padding, lora-jax vs PyTorch) and
-scripts/profile_step.py (per-class step profile in both frameworks) and scripts/bench_inference.py
-(base, merged, unmerged and mixed-adapter serving). Their numbers are not asserted
+scripts/profile_step.py (per-class step profile in both frameworks), scripts/bench_inference.py
+(base, merged, unmerged and mixed-adapter serving) and scripts/bench_gemm.py (single matmuls at the
+step's shapes in both frameworks). Their numbers are not asserted
 as speeds: only the structure, and facts that follow from the padding rules."""
 
 import json
@@ -117,8 +118,13 @@ def test_bench_saved_for_backward(tiny_bert_dir, tmp_path):
     # PyTorch's activation checkpointing keeps only each layer's input, and still trains the LoRA factors.
     assert saved["torch", "remat"] < saved["torch", "fp32"], saved
     assert rows["torch", "remat"]["trainable_params"] == rows["torch", "fp32"]["trainable_params"]
+    # Both frameworks count the matmuls they run: the same model, ours a little less (the last layer
+    # computes its classifier row only); recomputing q, k, v and the FFN input adds matmuls.
+    flops = {k: r["matmul_flops"] for k, r in rows.items()}
+    assert 0.5 * flops["torch", "fp32"] < flops["jax", "fp32"] < flops["torch", "fp32"], flops
+    assert flops["jax", "remat-qkv"] > flops["jax", "remat-cheap"] >= flops["jax", "fp32"], flops
     text = (tmp_path / "t.md").read_text()
-    assert "saved for backward" in text and "remat-cheap / fp32" in text and "Cells run: 7 of 7" in text
+    assert "matmul GFLOP/s" in text and "saved for backward" in text and "remat-cheap / fp32" in text and "Cells run: 7 of 7" in text
     # The lora-jax cells compiled into the cache they name (PyTorch's do not use it).
     assert any((tmp_path / "xla-cache").iterdir())
     assert {r["compile_cache"] for k, r in rows.items() if k[0] == "jax"} == {str(tmp_path / "xla-cache")}
@@ -154,3 +160,30 @@ def test_bench_rejects_unusable_compile_cache(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "--compile-cache" in done.stderr
     assert not out.exists()
+
+
+def test_bench_gemm_times_every_shape_in_both_frameworks(tiny_bert_dir, tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_gemm.py"), "--config", str(tiny_bert_dir), "--batch", "2",
+           "--seq", "8", "--repeats", "2", "--warmup", "1", "--out", str(tmp_path), "--name", "g"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "g.json").read_text())
+    config = json.loads((tiny_bert_dir / "config.json").read_text())
+    names = [s["name"] for s in record["meta"]["shapes"]]
+    assert len(names) == 7 and len(set(names)) == 7
+    assert sorted((r["framework"], r["name"]) for r in record["rows"]) == sorted(
+        (f, n) for f in ("jax", "torch") for n in names)
+    ffn_in = next(s for s in record["meta"]["shapes"] if s["name"] == "FFN in x W")
+    assert (ffn_in["m"], ffn_in["k"], ffn_in["n"]) == (2 * 8, config["hidden_size"], config["intermediate_size"])
+    for r in record["rows"]:
+        assert len(r["times_s"]) == 2 and r["median_s"] > 0 and r["gflop_per_s"] > 0
+    assert "XLA / PyTorch time" in (tmp_path / "g.md").read_text()
+
+
+@pytest.mark.parametrize("flag, named", [(["--frameworks", "jax,tf"], "jax,tf"), (["--repeats", "0"], "--repeats"),
+                                         (["--config", "/nope"], "/nope")])
+def test_bench_gemm_bad_input(flag, named, tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gemm.py"), *flag, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and named in done.stderr
+    assert not any(tmp_path.iterdir())
