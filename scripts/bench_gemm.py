@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Single float32 matrix products at the shapes of an encoder's train step, XLA (jax.jit) against
+PyTorch: the rate each framework's matmul library reaches on this device, apart from everything else
+in the step.
+
+Why: on a CPU most of a train step is matmuls (results/profile/), so the step time one framework can
+reach against another is bounded by how fast each multiplies matrices. The shapes come from a
+config.json and the batch and sequence length:
+
+    tokens x hidden @ hidden x hidden        (q, k, v, output projections, and their input gradients)
+    tokens x hidden @ hidden x intermediate  (FFN in)
+    tokens x intermediate @ intermediate x hidden  (FFN out)
+    the same with the weight used transposed, as the backward pass uses it
+    (batch x heads) x seq x head_dim @ head_dim x seq  (attention scores)
+
+Each framework runs in its own subprocess; the clock stops after block_until_ready (JAX) or when
+PyTorch's CPU matmul returns (it is synchronous; on GPU after cuda.synchronize). Median of --repeats.
+
+    python scripts/bench_gemm.py                      # roberta-base shape, batch 16, seq 128
+    python scripts/bench_gemm.py --out /tmp/g --name quick --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT.parent / "shared" / "models" / "roberta-base-tokenizer"
+FRAMEWORKS = ("jax", "torch")
+
+
+def shapes(config: dict, batch: int, seq: int) -> list[dict]:
+    """The step's products as {name, batch, m, k, n, transpose_b}: C[batch, m, n] = A[batch, m, k] @ B,
+    with B stored (n, k) where transpose_b (a weight used transposed, as in the backward pass)."""
+    h, inter, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
+    tokens = batch * seq
+    return [
+        {"name": "projection x W", "batch": 1, "m": tokens, "k": h, "n": h, "transpose_b": False},
+        {"name": "projection dY Wᵀ", "batch": 1, "m": tokens, "k": h, "n": h, "transpose_b": True},
+        {"name": "FFN in x W", "batch": 1, "m": tokens, "k": h, "n": inter, "transpose_b": False},
+        {"name": "FFN in dY Wᵀ", "batch": 1, "m": tokens, "k": inter, "n": h, "transpose_b": True},
+        {"name": "FFN out x W", "batch": 1, "m": tokens, "k": inter, "n": h, "transpose_b": False},
+        {"name": "FFN out dY Wᵀ", "batch": 1, "m": tokens, "k": h, "n": inter, "transpose_b": True},
+        {"name": "attention q kᵀ", "batch": batch * heads, "m": seq, "k": h // heads, "n": seq,
+         "transpose_b": True},
+    ]
+
+
+def flops(s: dict) -> int:
+    return 2 * s["batch"] * s["m"] * s["k"] * s["n"]
+
+
+def operands(s: dict, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((s["batch"], s["m"], s["k"]), dtype=np.float32)
+    b_shape = (s["batch"], s["n"], s["k"]) if s["transpose_b"] else (s["batch"], s["k"], s["n"])
+    b = rng.standard_normal(b_shape, dtype=np.float32)
+    if s["batch"] == 1:  # a plain 2-D product, as a dense layer runs it
+        a, b = a[0], b[0]
+    return a, b
+
+
+def time_jax(s: dict, warmup: int, repeats: int) -> list[float]:
+    import jax
+    import jax.numpy as jnp
+
+    a, b = (jax.device_put(x) for x in operands(s))
+    product = jax.jit(lambda a, b: jnp.matmul(a, jnp.swapaxes(b, -1, -2) if s["transpose_b"] else b))
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        product(a, b).block_until_ready()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_torch(s: dict, warmup: int, repeats: int) -> list[float]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    a, b = (torch.from_numpy(x).to("cuda" if cuda else "cpu") for x in operands(s))
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            torch.matmul(a, b.transpose(-1, -2) if s["transpose_b"] else b)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_framework(framework: str, todo: list[dict], warmup: int, repeats: int) -> dict:
+    """In the subprocess: every shape's timings, the versions and the device."""
+    from lora_jax import profiling
+
+    timer = time_jax if framework == "jax" else time_torch
+    rows = [{**s, "framework": framework, "times_s": timer(s, warmup, repeats)} for s in todo]
+    if framework == "jax":
+        versions, device = profiling.versions("jax", "jaxlib"), profiling.device_info()
+    else:
+        import torch
+
+        versions = {"torch": torch.__version__}
+        device = {"platform": "gpu" if torch.cuda.is_available() else "cpu"}
+    return {"rows": rows, "versions": versions, "device": device}
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"# Single float32 matmuls at the train step's shapes ({meta['date']})",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Device: {meta['device']}; shapes: {meta['shape']}; median of {meta['repeats']} products after "
+        f"{meta['warmup']} warm-up. Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        "",
+        "Each row is one product C = A @ B, B a weight stored (in, out) as lora-jax stores it and used "
+        "transposed where the name says Wᵀ (PyTorch stores its weights (out, in): the two layouts are "
+        "the plain and Wᵀ rows); XLA: `jax.jit(jnp.matmul)`, PyTorch: `torch.matmul`, each framework in "
+        "its own process with its default threads. GFLOP/s = 2 x m x k x n (x batch) / median seconds.",
+        "",
+        "| product | batch x m x k x n | GFLOP | " + " | ".join(f"{f} GFLOP/s" for f in meta["frameworks"])
+        + (" | XLA / PyTorch time |" if len(meta["frameworks"]) == 2 else " |"),
+        "|---|---|---:|" + "---:|" * len(meta["frameworks"]) + ("---:|" if len(meta["frameworks"]) == 2 else ""),
+    ]
+    by = {(r["framework"], r["name"]): r for r in rows}
+    for s in meta["shapes"]:
+        cells = [by.get((f, s["name"])) for f in meta["frameworks"]]
+        rates = [f"{r['gflop_per_s']:,.0f}" if r else "unmeasured" for r in cells]
+        line = (f"| {s['name']} | {s['batch']} x {s['m']} x {s['k']} x {s['n']} | {flops(s) / 1e9:.2f} | "
+                + " | ".join(rates) + " |")
+        if len(cells) == 2 and all(cells):
+            line += f" {cells[0]['median_s'] / cells[1]['median_s']:.2f}x |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="directory with the encoder's config.json")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=20, help="timed products per shape (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--frameworks", default="jax,torch", help="comma-separated: jax, torch")
+    p.add_argument("--out", default=str(ROOT / "results" / "profile"))
+    p.add_argument("--name", help="output file stem (default: gemm-<model>-b<batch>-s<seq>-<platform>)")
+    p.add_argument("--run", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.run:
+        job = json.loads(args.run)
+        print(json.dumps(run_framework(job["framework"], job["shapes"], job["warmup"], job["repeats"])))
+        return 0
+    config_path = Path(args.config) / "config.json"
+    if not config_path.is_file():
+        print(f"error: {args.config} has no config.json", file=sys.stderr)
+        return 2
+    if args.batch <= 0 or args.seq <= 0 or args.repeats <= 0 or args.warmup < 0:
+        print("error: --batch, --seq and --repeats must be > 0 and --warmup >= 0", file=sys.stderr)
+        return 2
+    frameworks = [f for f in args.frameworks.split(",") if f]
+    if not frameworks or any(f not in FRAMEWORKS for f in frameworks):
+        print(f"error: --frameworks takes a comma-separated list of {', '.join(FRAMEWORKS)}, got {args.frameworks!r}",
+              file=sys.stderr)
+        return 2
+    try:
+        config = json.loads(config_path.read_text())
+        todo = shapes(config, args.batch, args.seq)
+    except (ValueError, KeyError) as e:
+        print(f"error: {config_path} lacks what the shapes need ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
+    import datetime
+
+    rows, versions, device = [], {}, {}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for framework in frameworks:
+        print(f"[bench_gemm] {framework}: {len(todo)} shapes ...", file=sys.stderr, flush=True)
+        job = {"framework": framework, "shapes": todo, "warmup": args.warmup, "repeats": args.repeats}
+        proc = subprocess.run([sys.executable, __file__, "--run", json.dumps(job)], capture_output=True, text=True,
+                              env=env)
+        if proc.returncode != 0:
+            tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+            print(f"error: the {framework} run failed: {tail}", file=sys.stderr)
+            return 1
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        versions.update(result["versions"])
+        device = device or result["device"]
+        for r in result["rows"]:
+            r["median_s"] = sorted(r["times_s"])[len(r["times_s"]) // 2]
+            r["gflop_per_s"] = flops(r) / 1e9 / r["median_s"]
+            rows.append(r)
+    model_name = config.get("model_type", "model")
+    meta = {
+        "command": " ".join(["python", "scripts/bench_gemm.py", *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"{device.get('platform')} ({device.get('device_kind', 'unknown kind')}, host {device.get('host')})",
+        "shape": f"{model_name} config from {args.config}, batch {args.batch}, seq {args.seq}",
+        "repeats": args.repeats, "warmup": args.warmup, "versions": versions, "frameworks": frameworks,
+        "shapes": todo,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"gemm-{model_name}-b{args.batch}-s{args.seq}-{device.get('platform', 'unknown')}"
+    text = markdown(rows, meta)
+    for suffix, content in ((".json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n"), (".md", text)):
+        tmp = out / f"{stem}{suffix}.tmp"
+        tmp.write_text(content)
+        os.replace(tmp, out / f"{stem}{suffix}")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
