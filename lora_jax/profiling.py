@@ -59,9 +59,10 @@ def _dims(text: str) -> list[int]:
     return [int(d) for d in text.split(",") if d]
 
 
-def matmul_flops(compiled) -> int | None:
-    """Multiply-add FLOPs (2 per multiply-add) of every dot in a compiled XLA executable's optimised
-    HLO, fused or not: 2 x (elements of the dot's output) x (the product of its contracting sizes).
+def matmul_flops(compiled) -> dict[str, int] | None:
+    """FLOPs of every dot in a compiled XLA executable's optimised HLO, fused or not: 2 x (elements of
+    the dot's output) x (the product of its contracting sizes). ``{"total": ..., "batched": ...}``,
+    batched being the dots with batch dimensions (in an encoder: attention's scores and context).
 
     Counts what XLA runs after its optimisations (dead code gone, recomputation added), on the same
     basis as ``torch.utils.flop_counter`` for PyTorch's matmuls; XLA's own ``cost_analysis()`` also
@@ -78,20 +79,21 @@ def matmul_flops(compiled) -> int | None:
         m = _HLO_SHAPE.match(line)
         if m:
             shapes[m.group(1)] = _dims(m.group(2))
-    total = 0
+    counts = {"total": 0, "batched": 0}
     for line in text.splitlines():
         m = _HLO_DOT.search(line)
         if not m:
             continue
         out, lhs, contracting = _dims(m.group(1)), m.group(2), _dims(m.group(3))
-        k = 1
-        for d in contracting:
-            k *= shapes[lhs][d]
-        n = 1
+        flops = 2
         for d in out:
-            n *= d
-        total += 2 * n * k
-    return total
+            flops *= d
+        for d in contracting:
+            flops *= shapes[lhs][d]
+        counts["total"] += flops
+        if re.search(r"lhs_batch_dims=\{\d", line):
+            counts["batched"] += flops
+    return counts
 
 
 def saved_for_backward_bytes(f, primal, *rest) -> int:

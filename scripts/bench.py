@@ -101,6 +101,20 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def matmul_counts(flops: dict | None) -> dict:
+    """A row's matmul FLOPs: all of them and those of batched products (attention)."""
+    flops = flops or {}
+    return {"matmul_flops": flops.get("total"), "batched_matmul_flops": flops.get("batched")}
+
+
+def torch_matmul_flops(counter) -> dict:
+    """PyTorch's FLOP counter, split as profiling.matmul_flops splits XLA's: batched products (bmm,
+    baddbmm and attention kernels) apart."""
+    per_op = counter.get_flop_counts().get("Global", {})
+    batched = sum(n for op, n in per_op.items() if "bmm" in str(op) or "attention" in str(op))
+    return {"total": counter.get_total_flops(), "batched": batched}
+
+
 def run_jax(cell: dict) -> dict:
     import jax
     import numpy as np
@@ -174,7 +188,7 @@ def run_jax(cell: dict) -> dict:
         "compile_cache": cell.get("compile_cache"),
         "xla_python_client_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
         "xla_memory": profiling.compiled_memory(compiled),
-        "matmul_flops": profiling.matmul_flops(compiled),
+        **matmul_counts(profiling.matmul_flops(compiled)),
         "saved_for_backward_bytes": saved,
         "peak_rss_bytes": peak_rss(),
         "versions": profiling.versions("jax", "jaxlib", "flax", "optax"),
@@ -277,7 +291,7 @@ def run_torch(cell: dict) -> dict:
         "compile_s": None,
         "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "xla_memory": None,
-        "matmul_flops": counter.get_total_flops(),
+        **matmul_counts(torch_matmul_flops(counter)),
         "saved_for_backward_bytes": saved,
         "peak_rss_bytes": peak_rss(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -36,24 +36,53 @@ FRAMEWORKS = ("jax", "torch")
 
 
 def shapes(config: dict, batch: int, seq: int) -> list[dict]:
-    """The step's products as {name, batch, m, k, n, transpose_b}: C[batch, m, n] = A[batch, m, k] @ B,
-    with B stored (n, k) where transpose_b (a weight used transposed, as in the backward pass)."""
+    """The step's products as {name, batch, m, k, n, transpose_b, per_layer}: C[batch, m, n] =
+    A[batch, m, k] @ B, with B stored (n, k) where transpose_b (a weight used transposed, as in the
+    backward pass); per_layer: how many such products one layer's forward (or backward input
+    gradient) runs, which weights the dense rate (``dense_rate``)."""
     h, inter, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
     tokens = batch * seq
     return [
-        {"name": "projection x W", "batch": 1, "m": tokens, "k": h, "n": h, "transpose_b": False},
-        {"name": "projection dY Wᵀ", "batch": 1, "m": tokens, "k": h, "n": h, "transpose_b": True},
-        {"name": "FFN in x W", "batch": 1, "m": tokens, "k": h, "n": inter, "transpose_b": False},
-        {"name": "FFN in dY Wᵀ", "batch": 1, "m": tokens, "k": inter, "n": h, "transpose_b": True},
-        {"name": "FFN out x W", "batch": 1, "m": tokens, "k": inter, "n": h, "transpose_b": False},
-        {"name": "FFN out dY Wᵀ", "batch": 1, "m": tokens, "k": h, "n": inter, "transpose_b": True},
+        {"name": "projection x W", "batch": 1, "m": tokens, "k": h, "n": h, "transpose_b": False, "per_layer": 4},
+        {"name": "projection dY Wᵀ", "batch": 1, "m": tokens, "k": h, "n": h, "transpose_b": True, "per_layer": 4},
+        {"name": "FFN in x W", "batch": 1, "m": tokens, "k": h, "n": inter, "transpose_b": False, "per_layer": 1},
+        {"name": "FFN in dY Wᵀ", "batch": 1, "m": tokens, "k": inter, "n": h, "transpose_b": True, "per_layer": 1},
+        {"name": "FFN out x W", "batch": 1, "m": tokens, "k": inter, "n": h, "transpose_b": False, "per_layer": 1},
+        {"name": "FFN out dY Wᵀ", "batch": 1, "m": tokens, "k": h, "n": inter, "transpose_b": True, "per_layer": 1},
         {"name": "attention q kᵀ", "batch": batch * heads, "m": seq, "k": h // heads, "n": seq,
-         "transpose_b": True},
+         "transpose_b": True, "per_layer": 2},
     ]
 
 
 def flops(s: dict) -> int:
     return 2 * s["batch"] * s["m"] * s["k"] * s["n"]
+
+
+def dense_rate(rows: list[dict]) -> float:
+    """One framework's rate over a layer's 2-D products, each shape weighted by how many FLOPs of it a
+    layer runs: total FLOPs / total seconds."""
+    dense = [r for r in rows if r["batch"] == 1]
+    return sum(r["per_layer"] * flops(r) for r in dense) / sum(r["per_layer"] * r["median_s"] for r in dense)
+
+
+def batched_rate(rows: list[dict]) -> float:
+    (att,) = [r for r in rows if r["batch"] > 1]
+    return att["gflop_per_s"] * 1e9
+
+
+def step_bounds(step_rows: list[dict], rates: dict[str, tuple[float, float]]) -> list[dict]:
+    """For each row of a bench.py run that counted its matmul FLOPs: the seconds its matmuls alone take
+    at each framework's (dense, batched) rate, as if nothing else in the step took any time."""
+    out = []
+    for r in step_rows:
+        if not r.get("matmul_flops") or r.get("batched_matmul_flops") is None or "error" in r:
+            continue
+        dense, batched = r["matmul_flops"] - r["batched_matmul_flops"], r["batched_matmul_flops"]
+        out.append({"framework": r["framework"], "method": r["method"], "variant": r["variant"],
+                    "step_s": sorted(r["step_times_s"])[len(r["step_times_s"]) // 2],
+                    "matmul_flops": r["matmul_flops"], "batched_matmul_flops": batched,
+                    "matmul_s_at": {f: dense / d + batched / b for f, (d, b) in rates.items()}})
+    return out
 
 
 def operands(s: dict, seed: int = 0):
@@ -142,6 +171,33 @@ def markdown(rows: list[dict], meta: dict) -> str:
         if len(cells) == 2 and all(cells):
             line += f" {cells[0]['median_s'] / cells[1]['median_s']:.2f}x |"
         lines.append(line)
+    rates = meta.get("rates")
+    if rates:
+        lines += ["", "Rates over a layer's products (dense: the 2-D rows weighted by how many of each a layer runs; "
+                  "batched: the attention row): " + "; ".join(
+                      f"{f} {d / 1e9:,.0f} / {b / 1e9:,.0f} GFLOP/s" for f, (d, b) in rates.items())]
+    bounds = meta.get("bounds")
+    if bounds:
+        fws = list(rates)
+        ref = next((b for b in bounds if (b["framework"], b["method"], b["variant"]) == ("torch", "lora", "fp32")), None)
+        lines += [
+            "", f"## The step's matmuls alone at these rates (steps from `{meta['step_file']}`)", "",
+            "Each row's matmul FLOPs (counted in that run: XLA's optimised program, PyTorch's FLOP counter) "
+            "over the rates above: the step time if its matmuls ran as fast as alone and nothing else took "
+            "any time, a floor no schedule reaches. "
+            + ("Ratios divide by the measured PyTorch + peft LoRA fp32 step of that run." if ref else ""), "",
+            "| step | measured step (s) | matmul GFLOP (batched) | " + " | ".join(f"matmuls at {f}'s rates (s)" for f in fws)
+            + (" | " + " | ".join(f"that / PyTorch LoRA step ({f})" for f in fws) if ref else "") + " |",
+            "|---|---:|---:|" + "---:|" * len(fws) * (2 if ref else 1),
+        ]
+        for b in bounds:
+            at = [b["matmul_s_at"][f] for f in fws]
+            line = (f"| {b['framework']} {b['method']} {b['variant']} | {b['step_s']:.3f} | "
+                    f"{b['matmul_flops'] / 1e9:,.1f} ({b['batched_matmul_flops'] / 1e9:,.1f}) | "
+                    + " | ".join(f"{t:.3f}" for t in at))
+            if ref:
+                line += " | " + " | ".join(f"{t / ref['step_s']:.2f}x" for t in at)
+            lines.append(line + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -155,6 +211,8 @@ def main() -> int:
     p.add_argument("--frameworks", default="jax,torch", help="comma-separated: jax, torch")
     p.add_argument("--out", default=str(ROOT / "results" / "profile"))
     p.add_argument("--name", help="output file stem (default: gemm-<model>-b<batch>-s<seq>-<platform>)")
+    p.add_argument("--step", metavar="FILE", help="a scripts/bench.py JSON whose rows counted their matmul FLOPs: "
+                   "adds what those matmuls alone take at the rates measured here")
     p.add_argument("--run", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.run:
@@ -173,6 +231,17 @@ def main() -> int:
         print(f"error: --frameworks takes a comma-separated list of {', '.join(FRAMEWORKS)}, got {args.frameworks!r}",
               file=sys.stderr)
         return 2
+    step_rows = None
+    if args.step:
+        try:
+            step_rows = json.loads(Path(args.step).read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: --step {args.step} is not a bench.py JSON ({type(e).__name__}: {e})", file=sys.stderr)
+            return 2
+        if not any(r.get("batched_matmul_flops") is not None for r in step_rows):
+            print(f"error: --step {args.step} has no row with matmul FLOPs (made before bench.py counted them?)",
+                  file=sys.stderr)
+            return 2
     try:
         config = json.loads(config_path.read_text())
         todo = shapes(config, args.batch, args.seq)
@@ -208,6 +277,12 @@ def main() -> int:
         "repeats": args.repeats, "warmup": args.warmup, "versions": versions, "frameworks": frameworks,
         "shapes": todo,
     }
+    # Every framework ran every shape (a failed run returned above).
+    meta["rates"] = {f: (dense_rate([r for r in rows if r["framework"] == f]),
+                         batched_rate([r for r in rows if r["framework"] == f])) for f in frameworks}
+    if step_rows is not None:
+        meta["step_file"] = args.step
+        meta["bounds"] = step_bounds(step_rows, meta["rates"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"gemm-{model_name}-b{args.batch}-s{args.seq}-{device.get('platform', 'unknown')}"

@@ -123,6 +123,10 @@ def test_bench_saved_for_backward(tiny_bert_dir, tmp_path):
     flops = {k: r["matmul_flops"] for k, r in rows.items()}
     assert 0.5 * flops["torch", "fp32"] < flops["jax", "fp32"] < flops["torch", "fp32"], flops
     assert flops["jax", "remat-qkv"] > flops["jax", "remat-cheap"] >= flops["jax", "fp32"], flops
+    # Attention's batched products, apart: a share of the whole in both, of the same order.
+    share = {k: r["batched_matmul_flops"] / r["matmul_flops"] for k, r in rows.items()}
+    assert 0 < share["jax", "fp32"] < 1 and 0 < share["torch", "fp32"] < 1, share
+    assert 0.5 < share["jax", "fp32"] / share["torch", "fp32"] < 2, share
     text = (tmp_path / "t.md").read_text()
     assert "matmul GFLOP/s" in text and "saved for backward" in text and "remat-cheap / fp32" in text and "Cells run: 7 of 7" in text
     # The lora-jax cells compiled into the cache they name (PyTorch's do not use it).
@@ -179,9 +183,29 @@ def test_bench_gemm_times_every_shape_in_both_frameworks(tiny_bert_dir, tmp_path
         assert len(r["times_s"]) == 2 and r["median_s"] > 0 and r["gflop_per_s"] > 0
     assert "XLA / PyTorch time" in (tmp_path / "g.md").read_text()
 
+    # With a bench.py run's rows: each row's matmuls at each framework's rates.
+    step = tmp_path / "step.json"
+    step.write_text(json.dumps({"rows": [
+        {"framework": "torch", "method": "lora", "variant": "fp32", "step_times_s": [2.0, 3.0, 4.0],
+         "matmul_flops": 10**9, "batched_matmul_flops": 0},
+        {"framework": "jax", "method": "lora", "variant": "fp32", "step_times_s": [1.0],
+         "matmul_flops": 3 * 10**9, "batched_matmul_flops": 10**9}]}))
+    done = subprocess.run(cmd + ["--name", "b", "--step", str(step)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "b.json").read_text())
+    dense_torch, _ = record["meta"]["rates"]["torch"]
+    dense_jax, batched_jax = record["meta"]["rates"]["jax"]
+    torch_row, jax_row = record["meta"]["bounds"]
+    assert torch_row["step_s"] == 3.0 and torch_row["matmul_s_at"]["torch"] == pytest.approx(1e9 / dense_torch)
+    assert jax_row["matmul_s_at"]["jax"] == pytest.approx(2e9 / dense_jax + 1e9 / batched_jax)
+    # The dense rate lies between the slowest and the fastest 2-D product of that framework.
+    rates = [r["gflop_per_s"] * 1e9 for r in record["rows"] if r["framework"] == "jax" and r["batch"] == 1]
+    assert min(rates) <= dense_jax <= max(rates)
+    assert "that / PyTorch LoRA step" in (tmp_path / "b.md").read_text()
+
 
 @pytest.mark.parametrize("flag, named", [(["--frameworks", "jax,tf"], "jax,tf"), (["--repeats", "0"], "--repeats"),
-                                         (["--config", "/nope"], "/nope")])
+                                         (["--config", "/nope"], "/nope"), (["--step", "/nope.json"], "/nope.json")])
 def test_bench_gemm_bad_input(flag, named, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gemm.py"), *flag, "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)

@@ -23,5 +23,6 @@ def test_matmul_flops_counts_the_dots_xla_runs():
     compiled = jax.jit(jax.grad(f, argnums=(1, 2))).lower(*args).compile()
     # x @ w forward (tanh' needs it) and its weight gradient; the gradient of q . k alone. The
     # forward q . k only feeds a sum whose gradient does not need it: XLA drops it, and so do we.
-    assert matmul_flops(compiled) == 2 * (2 * 64 * 32 * 48) + 2 * (2 * 3 * 8 * 8 * 4)
-    assert matmul_flops(jax.jit(lambda x: x + 1).lower(jnp.ones(3)).compile()) == 0
+    assert matmul_flops(compiled) == {"total": 2 * (2 * 64 * 32 * 48) + 2 * (2 * 3 * 8 * 8 * 4),
+                                      "batched": 2 * (2 * 3 * 8 * 8 * 4)}
+    assert matmul_flops(jax.jit(lambda x: x + 1).lower(jnp.ones(3)).compile()) == {"total": 0, "batched": 0}
