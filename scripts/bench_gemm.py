@@ -242,6 +242,13 @@ def main() -> int:
             print(f"error: --step {args.step} has no row with matmul FLOPs (made before bench.py counted them?)",
                   file=sys.stderr)
             return 2
+        # Rates of other shapes say nothing about that step's matmuls.
+        other = {(Path(r["config"]).resolve(), r["batch"], r["seq"]) for r in step_rows if "config" in r}
+        if other - {(Path(args.config).resolve(), args.batch, args.seq)}:
+            config_, batch, seq = sorted(other, key=str)[0]
+            print(f"error: --step {args.step} timed {config_} at batch {batch}, seq {seq}: pass the same --config, "
+                  f"--batch and --seq", file=sys.stderr)
+            return 2
     try:
         config = json.loads(config_path.read_text())
         todo = shapes(config, args.batch, args.seq)

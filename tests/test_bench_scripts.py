@@ -185,13 +185,19 @@ def test_bench_gemm_times_every_shape_in_both_frameworks(tiny_bert_dir, tmp_path
 
     # With a bench.py run's rows: each row's matmuls at each framework's rates.
     step = tmp_path / "step.json"
+    shape = {"config": str(tiny_bert_dir), "batch": 2, "seq": 8}
     step.write_text(json.dumps({"rows": [
         {"framework": "torch", "method": "lora", "variant": "fp32", "step_times_s": [2.0, 3.0, 4.0],
-         "matmul_flops": 10**9, "batched_matmul_flops": 0},
+         "matmul_flops": 10**9, "batched_matmul_flops": 0, **shape},
         {"framework": "jax", "method": "lora", "variant": "fp32", "step_times_s": [1.0],
-         "matmul_flops": 3 * 10**9, "batched_matmul_flops": 10**9}]}))
+         "matmul_flops": 3 * 10**9, "batched_matmul_flops": 10**9, **shape}]}))
     done = subprocess.run(cmd + ["--name", "b", "--step", str(step)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    # A step of another shape: the rates measured here would not apply to it.
+    other = subprocess.run(cmd + ["--name", "c", "--step", str(step), "--seq", "16"], capture_output=True, text=True,
+                           timeout=600)
+    assert other.returncode == 2 and other.stderr.strip().count("\n") == 0 and "seq 8" in other.stderr
+    assert not (tmp_path / "c.json").exists()
     record = json.loads((tmp_path / "b.json").read_text())
     dense_torch, _ = record["meta"]["rates"]["torch"]
     dense_jax, batched_jax = record["meta"]["rates"]["jax"]
