@@ -168,8 +168,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         rates = [f"{r['gflop_per_s']:,.0f}" if r else "unmeasured" for r in cells]
         line = (f"| {s['name']} | {s['batch']} x {s['m']} x {s['k']} x {s['n']} | {flops(s) / 1e9:.2f} | "
                 + " | ".join(rates) + " |")
-        if len(cells) == 2 and all(cells):
-            line += f" {cells[0]['median_s'] / cells[1]['median_s']:.2f}x |"
+        xla, pt = by.get(("jax", s["name"])), by.get(("torch", s["name"]))
+        if len(cells) == 2 and xla and pt:
+            line += f" {xla['median_s'] / pt['median_s']:.2f}x |"
         lines.append(line)
     rates = meta.get("rates")
     if rates:
@@ -184,7 +185,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "", f"## The step's matmuls alone at these rates (steps from `{meta['step_file']}`)", "",
             "Each row's matmul FLOPs (counted in that run: XLA's optimised program, PyTorch's FLOP counter) "
             "over the rates above: the step time if its matmuls ran as fast as alone and nothing else took "
-            "any time, a floor no schedule reaches. "
+            "any time: a floor no real step goes below. "
             + ("Ratios divide by the measured PyTorch + peft LoRA fp32 step of that run." if ref else ""), "",
             "| step | measured step (s) | matmul GFLOP (batched) | " + " | ".join(f"matmuls at {f}'s rates (s)" for f in fws)
             + (" | " + " | ".join(f"that / PyTorch LoRA step ({f})" for f in fws) if ref else "") + " |",
