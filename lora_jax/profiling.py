@@ -53,6 +53,7 @@ def compiled_memory(compiled) -> dict[str, int] | None:
 
 _HLO_SHAPE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]")
 _HLO_DOT = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+dot\(%?([\w.\-]+),.*?lhs_contracting_dims=\{([\d,]*)\}")
+_HLO_BATCHED = re.compile(r"lhs_batch_dims=\{\d")
 
 
 def _dims(text: str) -> list[int]:
@@ -91,7 +92,7 @@ def matmul_flops(compiled) -> dict[str, int] | None:
         for d in contracting:
             flops *= shapes[lhs][d]
         counts["total"] += flops
-        if re.search(r"lhs_batch_dims=\{\d", line):
+        if _HLO_BATCHED.search(line):
             counts["batched"] += flops
     return counts
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -140,8 +141,10 @@ def run_framework(framework: str, todo: list[dict], warmup: int, repeats: int) -
     else:
         import torch
 
+        cuda = torch.cuda.is_available()
         versions = {"torch": torch.__version__}
-        device = {"platform": "gpu" if torch.cuda.is_available() else "cpu"}
+        device = {"platform": "gpu" if cuda else "cpu", "host": platform.node(),
+                  "device_kind": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()}
     return {"rows": rows, "versions": versions, "device": device}
 
 
