@@ -75,13 +75,14 @@ def matmul_flops(compiled) -> dict[str, int] | None:
         return None
     if not text:
         return None
+    lines = text.splitlines()
     shapes = {}  # instruction name -> dims; names are unique within an HLO module
-    for line in text.splitlines():
+    for line in lines:
         m = _HLO_SHAPE.match(line)
         if m:
             shapes[m.group(1)] = _dims(m.group(2))
     counts = {"total": 0, "batched": 0}
-    for line in text.splitlines():
+    for line in lines:
         m = _HLO_DOT.search(line)
         if not m:
             continue

@@ -298,10 +298,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"gemm-{model_name}-b{args.batch}-s{args.seq}-{device.get('platform', 'unknown')}"
     text = markdown(rows, meta)
-    for suffix, content in ((".json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n"), (".md", text)):
-        tmp = out / f"{stem}{suffix}.tmp"
-        tmp.write_text(content)
-        os.replace(tmp, out / f"{stem}{suffix}")
+    from lora_jax.report import write_text
+
+    write_text(out / f"{stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    write_text(out / f"{stem}.md", text)
     print(text)
     return 0
 
