@@ -286,7 +286,8 @@ def rank_table(ranks: dict[str, int]) -> tuple[list[str], list[str], np.ndarray]
     return [str(l) for l in layers], names, grid
 
 
-def default_steps(total_steps: int, warmup: int | None, final: int | None) -> tuple[int, int]:
-    """t_i and t_f: given values, or 10% and 25% of the run (pruning over the middle 65%)."""
-    return (int(math.floor(0.10 * total_steps)) if warmup is None else warmup,
-            int(math.floor(0.25 * total_steps)) if final is None else final)
+def default_steps(total_steps: int, warmup: int | None, final: int | None,
+                  warmup_frac: float = 0.10, final_frac: float = 0.25) -> tuple[int, int]:
+    """t_i and t_f: the given step counts, or these shares of the run (rounded down)."""
+    return (int(math.floor(warmup_frac * total_steps)) if warmup is None else warmup,
+            int(math.floor(final_frac * total_steps)) if final is None else final)

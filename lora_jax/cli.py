@@ -76,8 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
         "matrix types. --lora-alpha sets the scale alpha / initial rank.")
     ada.add_argument("--adalora-init-rank", type=int, help=f"default {d.adalora_init_rank}")
     ada.add_argument("--adalora-target-rank", type=float, help=f"mean final rank (default {d.adalora_target_rank:g})")
-    ada.add_argument("--adalora-warmup-steps", type=int, help="steps before pruning starts (default 10%% of the run)")
-    ada.add_argument("--adalora-final-steps", type=int, help="steps at the final budget (default 25%% of the run)")
+    ada.add_argument("--adalora-warmup-steps", type=int, help="steps before pruning starts (default: --adalora-warmup-frac)")
+    ada.add_argument("--adalora-final-steps", type=int, help="steps at the final budget (default: --adalora-final-frac)")
+    ada.add_argument("--adalora-warmup-frac", type=float,
+                     help=f"share of the run before pruning starts, without --adalora-warmup-steps "
+                          f"(default {d.adalora_warmup_frac:g})")
+    ada.add_argument("--adalora-final-frac", type=float,
+                     help=f"share of the run at the final budget, without --adalora-final-steps "
+                          f"(default {d.adalora_final_frac:g})")
     ada.add_argument("--adalora-interval", type=int, help=f"steps between reallocations (default {d.adalora_interval})")
     ada.add_argument("--adalora-beta1", type=float, help=f"importance EMA (default {d.adalora_beta1})")
     ada.add_argument("--adalora-beta2", type=float, help=f"uncertainty EMA (default {d.adalora_beta2})")

@@ -40,11 +40,14 @@ class TrainConfig:
     # bfloat16 (W + sAB would be rounded to bfloat16, losing the small early updates).
     lora_forward: str = "auto"
     # AdaLoRA (--method adalora): every target starts at adalora_init_rank; the total falls to
-    # adalora_target_rank per matrix on average. Warm-up / final steps default to 10% / 25% of the run.
+    # adalora_target_rank per matrix on average. Warm-up / final steps, when not given, are these
+    # shares of the run (10% / 25%: pruning over the middle 65%).
     adalora_init_rank: int = 12
     adalora_target_rank: float = 8.0
     adalora_warmup_steps: int | None = None
     adalora_final_steps: int | None = None
+    adalora_warmup_frac: float = 0.10
+    adalora_final_frac: float = 0.25
     adalora_interval: int = 10
     adalora_beta1: float = 0.85
     adalora_beta2: float = 0.85
@@ -130,6 +133,12 @@ class TrainConfig:
                                    f"got {self.adalora_init!r}")
         if self.adalora_init_batches <= 0:
             raise ConfigValueError(f"--adalora-init-batches must be > 0, got {self.adalora_init_batches}")
+        for name in ("adalora_warmup_frac", "adalora_final_frac"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.adalora_warmup_frac + self.adalora_final_frac >= 1:
+            raise ConfigValueError(f"--adalora-warmup-frac {self.adalora_warmup_frac} + --adalora-final-frac "
+                                   f"{self.adalora_final_frac} leave no share of the run to prune")
         if self.method == "adalora":
             # Everything but the run length is checkable now; adalora_config checks the schedule.
             self.adalora_config(total_steps=10**9)
@@ -160,7 +169,8 @@ class TrainConfig:
         """The adaptive-rank schedule for a run of ``total_steps``; raises AdaptiveError on bad values."""
         from .adaptive import AdaLoraConfig, default_steps
 
-        warmup, final = default_steps(total_steps, self.adalora_warmup_steps, self.adalora_final_steps)
+        warmup, final = default_steps(total_steps, self.adalora_warmup_steps, self.adalora_final_steps,
+                                      self.adalora_warmup_frac, self.adalora_final_frac)
         return AdaLoraConfig(
             init_rank=self.adalora_init_rank, target_rank=self.adalora_target_rank, total_steps=total_steps,
             warmup_steps=warmup, final_steps=final, interval=self.adalora_interval, beta1=self.adalora_beta1,

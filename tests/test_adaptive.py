@@ -75,6 +75,16 @@ def test_budget_schedule_is_cubic_from_initial_to_target():
     assert b[45] == round(6 + 6 * 0.5 ** 3)
 
 
+def test_schedule_shares_set_the_steps_a_step_count_overrides():
+    cfg = TrainConfig(task="rte", method="adalora", adalora_warmup_frac=0.5, adalora_final_frac=0.3)
+    s = cfg.adalora_config(600)
+    assert (s.warmup_steps, s.final_steps) == (300, 180)
+    d = TrainConfig(task="rte", method="adalora").adalora_config(600)
+    assert (d.warmup_steps, d.final_steps) == (60, 150)  # the defaults: 10% and 25%
+    s = dataclasses.replace(cfg, adalora_final_steps=20).adalora_config(600)
+    assert (s.warmup_steps, s.final_steps) == (300, 20)
+
+
 def test_orthogonality_is_zero_only_for_orthonormal_factors():
     key = jax.random.key(0)
     p = jnp.linalg.qr(jax.random.normal(key, (16, 4)))[0]
@@ -268,6 +278,9 @@ def test_truncated_adapter_exports_to_peft_with_rank_pattern(tmp_path):
     (["--adalora-init", "gradient", "--adalora-init-batches", "0"], "--adalora-init-batches must be > 0, got 0"),
     (["--adalora-warmup-steps", "5", "--adalora-final-steps", "3"],
      "--adalora-warmup-steps 5 + --adalora-final-steps 3 leave no steps to prune in a run of 8 steps"),
+    (["--adalora-warmup-frac", "1.5"], "--adalora-warmup-frac must be in [0, 1), got 1.5"),
+    (["--adalora-warmup-frac", "0.6", "--adalora-final-frac", "0.5"],
+     "--adalora-warmup-frac 0.6 + --adalora-final-frac 0.5 leave no share of the run to prune"),
 ])
 def test_bad_schedules_are_one_line_errors(flags, message, tiny_bert_dir, glue_dir, tmp_path, capsys):
     out = tmp_path / "r"
