@@ -4,6 +4,7 @@ warm start, run on the tiny checkpoint."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -153,10 +154,10 @@ def test_every_grid_method_is_a_valid_training_config():
         cfg.validate()
         if name.startswith("adalora"):
             # Scale alpha / initial rank: 1 for the paper's setting, 16 for the -s16 variants.
-            want = 16.0 if name.endswith("-s16") else 1.0
+            want = 16.0 if "-s16" in name else 1.0
             assert cfg.method == "adalora" and cfg.lora_alpha / cfg.adalora_init_rank == want, name
         elif name.startswith("lora-all"):
-            want = 16.0 if name.endswith("-s16") else 1.0
+            want = 16.0 if "-s16" in name else 1.0
             assert cfg.lora_alpha / cfg.lora_rank == want, name
 
 
@@ -167,3 +168,42 @@ def test_adaptive_report_pairs_each_adalora_method_with_lora_at_its_budget():
     pairs = _script("adaptive_report").pairs(["adalora-t8-s16", "lora-all-r8", "lora-all-r8-s16", "lora-all-r2-s16"])
     assert pairs == [("adalora-t8-s16", "lora-all-r8"), ("adalora-t8-s16", "lora-all-r8-s16")]
     assert _script("adaptive_report").lora_variant("lora-all-r8-s16") == "lora-all-rN-s16"
+
+
+def _summary(command: str, cells: dict[tuple[str, str], list[float]]) -> dict:
+    """A grid summary.json as scripts/grid.py writes it, with the fields adaptive_overview reads."""
+    stat = lambda xs: {"median": sorted(xs)[len(xs) // 2], "min": min(xs), "max": max(xs), "n": len(xs)}
+    return {"command": command, "cells": [{"task": t, "method": m, "dev": stat(xs)} for (t, m), xs in cells.items()]}
+
+
+def test_adaptive_overview_groups_pairs_by_recipe_and_run_length(tmp_path):
+    grids = {
+        "g300": _summary("python scripts/grid.py --name g300 --max-steps 300 -- --num-buckets 4", {
+            ("rte", "adalora-t2-s16"): [0.50, 0.52, 0.55], ("rte", "lora-all-r2"): [0.54, 0.56, 0.58],
+            ("rte", "lora-qv-r8"): [0.60, 0.61, 0.62]}),  # no AdaLoRA partner: not a row
+        "g600": _summary("python scripts/grid.py --name g600 --max-steps 600", {
+            ("mrpc", "adalora-t8-s16"): [0.80, 0.82, 0.84], ("mrpc", "lora-all-r8"): [0.79, 0.81, 0.83],
+            ("mrpc", "adalora-t8-s16-late"): [0.70, 0.71, 0.90], ("mrpc", "adalora-t2-s16"): [0.7, 0.7, 0.7],
+            ("sst2", "adalora-t2-s16"): [0.90, 0.91, 0.92], ("sst2", "lora-all-r2"): [0.88, 0.89, 0.95]}),
+    }
+    for name, s in grids.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(s))
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "scripts" / "adaptive_overview.py"),
+                                     "--results-root", str(tmp_path), *a], capture_output=True, text=True, timeout=300)
+    done = run("--grids", "g300,g600")
+    assert done.returncode == 0, done.stderr
+    md = (tmp_path / "adaptive" / "overview.md").read_text()
+    assert (tmp_path / "adaptive" / "overview.png").stat().st_size > 1000
+    rows = [r for r in md.splitlines() if r.startswith("| adalora")]
+    # Per pair: rte 0.52 - 0.56; mrpc 0.82 - 0.81 and the late recipe 0.71 - 0.81; sst2 0.91 - 0.89.
+    # mrpc adalora-t2-s16 has no lora-all-r2 in its grid and makes no row.
+    assert len(rows) == 4 + 3
+    summary = {tuple(c.strip() for c in r.split("|")[1:3]): r for r in rows
+               if re.search(r"\d+ of \d+ \|$", r)}
+    assert "-0.0400 | 0 of 1" in summary[("adalora-tN-s16", "300 steps")]
+    assert "+0.0150 | 2 of 2" in summary[("adalora-tN-s16", "600 steps")]  # mean of +0.01 and +0.02
+    assert "-0.1000 | 0 of 1" in summary[("adalora-tN-s16-late", "600 steps")]
+    # A grid that is not there: one line, exit 2.
+    done = run("--grids", "g300,nope")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "nope/summary.json not found" in done.stderr
