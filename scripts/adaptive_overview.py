@@ -46,7 +46,7 @@ def rows_of(name: str, summary: dict) -> list[dict]:
             continue
         out.append({"grid": name, "task": task, "recipe": f"adalora-tN{hit.group(2) or ''}", "method": method,
                     "rank": int(hit.group(1)), "steps": steps, "seeds": a["dev"]["n"], "ada": a["dev"],
-                    "lora": b["dev"], "delta": a["dev"]["median"] - b["dev"]["median"]})
+                    "lora": b["dev"], "params": (a["trainable_params"], b["trainable_params"]), "delta": a["dev"]["median"] - b["dev"]["median"]})
     return out
 
 
@@ -84,14 +84,15 @@ def main() -> int:
              "Written by `python scripts/adaptive_overview.py` from each grid's `summary.json` (its command, "
              "versions, device and date are there). AdaLoRA (`adalora-tN...`: initial rank 1.5N, final mean rank N, "
              "every linear layer) against LoRA r = N on every linear layer, scale 1 (`lora-all-rN`), in the same "
-             "grid. Dev metric: median [min-max] over seeds; Δ: AdaLoRA's median minus LoRA's.", "",
-             "| recipe | run | task | mean rank | seeds | AdaLoRA | LoRA | Δ | grid |",
-             "|---|---|---|---:|---:|---|---|---:|---|"]
+             "grid. Dev metric: median [min-max] over seeds; Δ: AdaLoRA's median minus LoRA's. Trained "
+             "parameters: the saved adapter (AdaLoRA at its final ranks, in the first seed's run) plus the head.", "",
+             "| recipe | run | task | mean rank | seeds | AdaLoRA | LoRA | Δ | trained params, Ada / LoRA | grid |",
+             "|---|---|---|---:|---:|---|---|---:|---|---|"]
     groups = groups_of(rows)
     for (recipe, steps), rs in groups.items():
         for r in sorted(rs, key=lambda r: (r["task"], r["rank"])):
             lines.append(f"| {recipe} | {steps} | {r['task']} | {r['rank']} | {r['seeds']} | {fmt(r['ada'])} | "
-                         f"{fmt(r['lora'])} | {r['delta']:+.4f} | [`{r['grid']}`](../{r['grid']}/) |")
+                         f"{fmt(r['lora'])} | {r['delta']:+.4f} | {r['params'][0]:,} / {r['params'][1]:,} | [`{r['grid']}`](../{r['grid']}/) |")
     lines += ["", "| recipe | run | pairs | tasks | mean Δ | pairs ahead or level |", "|---|---|---:|---|---:|---:|"]
     for (recipe, steps), rs in groups.items():
         ds = [r["delta"] for r in rs]
