@@ -287,7 +287,7 @@ def rank_table(ranks: dict[str, int]) -> tuple[list[str], list[str], np.ndarray]
 
 
 def default_steps(total_steps: int, warmup: int | None, final: int | None,
-                  warmup_frac: float = 0.10, final_frac: float = 0.25) -> tuple[int, int]:
+                  warmup_frac: float, final_frac: float) -> tuple[int, int]:
     """t_i and t_f: the given step counts, or these shares of the run (rounded down)."""
     return (int(math.floor(warmup_frac * total_steps)) if warmup is None else warmup,
             int(math.floor(final_frac * total_steps)) if final is None else final)
