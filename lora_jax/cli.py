@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .config import METHODS, XLA_SCHEDULERS, ConfigValueError, TrainConfig, preset
+from .report import write_text
 
 # Errors that are the user's input, not our bug: one line, no traceback.
 def _user_errors():
@@ -272,10 +273,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     results = predict_lines(predictor, lines)
     text = "".join(json.dumps(r) + "\n" for r in results)
     if args.output:
-        tmp = args.output + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, args.output)
+        write_text(Path(args.output), text)
     else:
         sys.stdout.write(text)
     failed = sum("error" in r for r in results)

@@ -10,7 +10,7 @@ from pathlib import Path
 def write_text(path: Path, text: str) -> None:
     """Write a text file atomically (a temporary file, then a rename): a kill leaves the old file whole."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -26,6 +26,7 @@ from . import adapter as adapter_lib
 from . import data as data_lib
 from . import lora, weights
 from .model import ModelConfig, forward
+from .report import write_text
 from .train import make_eval_step
 
 log = logging.getLogger(__name__)
@@ -227,9 +228,7 @@ def export_merged(directory: Path, params: dict, mcfg: ModelConfig, label_names:
         hf["id2label"] = {str(i): n for i, n in enumerate(label_names)}
         hf["label2id"] = {n: i for i, n in enumerate(label_names)}
     weights.save_safetensors(params, directory / weights.SAFETENSORS, prefix=f"{mcfg.model_type}.")
-    tmp = directory / "config.json.tmp"
-    tmp.write_text(json.dumps(hf, indent=2) + "\n")
-    tmp.replace(directory / "config.json")
+    write_text(directory / "config.json", json.dumps(hf, indent=2) + "\n")
 
 
 class Predictor:

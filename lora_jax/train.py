@@ -31,6 +31,7 @@ from . import data as data_lib
 from . import adaptive, lora, metrics, parallel, profiling, weights
 from .config import XLA_CPU_SCHEDULERS, TrainConfig
 from .model import ModelConfig, forward
+from .report import save_figure, write_text
 
 log = logging.getLogger(__name__)
 
@@ -435,9 +436,7 @@ def total_steps(s: Setup) -> int:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 _RUN_FILES = ("report.json", "metrics.jsonl", "config.json")
@@ -483,9 +482,7 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(l + "\n" for l in kept))
-    os.replace(tmp, path)
+    write_text(path, "".join(l + "\n" for l in kept))
 
 
 def _adaptive_outputs(out: Path, ada: adaptive.AdaLoraConfig, ranks: dict[str, int]) -> dict:
@@ -494,8 +491,6 @@ def _adaptive_outputs(out: Path, ada: adaptive.AdaLoraConfig, ranks: dict[str, i
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .report import save_figure
 
     d = out / "adaptive"
     d.mkdir(exist_ok=True)

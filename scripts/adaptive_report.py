@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import os
 import sys
 from pathlib import Path
 
@@ -51,6 +50,7 @@ def main() -> int:
     p.add_argument("--note", help="a caveat to print under the table (e.g. what else ran on the machine)")
     args = p.parse_args()
     from lora_jax import adaptive
+    from lora_jax.report import save_figure, write_text
 
     d = Path(args.results) if args.results else ROOT / "results" / args.name
     if not (d / "summary.json").is_file():
@@ -123,13 +123,10 @@ def main() -> int:
             ax.set_title(key, fontsize=9)
             fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        from lora_jax.report import save_figure
-
         save_figure(fig, d / "ranks_mean.png")
         lines += ["Heatmaps: [`ranks_mean.png`](ranks_mean.png); dev metric against parameters: "
                   "[`metric_vs_params.png`](metric_vs_params.png)."]
-    (d / "analysis.md.tmp").write_text("\n".join(lines) + "\n")
-    os.replace(d / "analysis.md.tmp", d / "analysis.md")
+    write_text(d / "analysis.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

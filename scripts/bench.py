@@ -534,6 +534,8 @@ def main() -> int:
 
     def write(rows: list[dict]) -> tuple[str, dict]:
         """(Re)write the JSON and markdown after every cell, so that a grid cut short keeps what it ran."""
+        from lora_jax.report import write_text
+
         summarise(rows)
         dev = next((r["device"] for r in rows if "device" in r and r["framework"] == "jax"), {})
         stem = args.name or f"{model_name}-b{args.batch}-s{args.seq}-{dev.get('platform', 'unknown')}"
@@ -551,9 +553,7 @@ def main() -> int:
         }
         for suffix, text in ((".json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n"),
                              (".md", markdown(rows, meta))):
-            tmp = out / f"{stem}{suffix}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, out / f"{stem}{suffix}")
+            write_text(out / f"{stem}{suffix}", text)
         return stem, meta
 
     rows = []

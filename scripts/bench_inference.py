@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -152,6 +151,8 @@ def main() -> int:
     md += [f"| {r['batch']} | {r['seq']} | {r['what']} | {r['latency_s'] * 1e3:.2f} | "
            f"{r['latency_q1_s'] * 1e3:.2f}-{r['latency_q3_s'] * 1e3:.2f} | {r['examples_per_sec']:.1f} | "
            f"{r['vs_base']:.3f}x |" for r in rows]
+    from lora_jax.report import write_text
+
     md += ["", "Memory of the weights in float32, computed from parameter counts (not measured):", "",
            "| adapters N | one base + N adapters (MiB) | N merged models (MiB) |", "|---:|---:|---:|"]
     md += [f"| {m['adapters']} | {mib(m['base_plus_adapters_bytes'])} | {mib(m['merged_models_bytes'])} |"
@@ -160,9 +161,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps({"meta": meta, "rows": rows, "memory": memory}, indent=2) + "\n"),
                          (".md", "\n".join(md) + "\n")):
-        tmp = out / f"{stem}{suffix}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / f"{stem}{suffix}")
+        write_text(out / f"{stem}{suffix}", text)
     print("\n".join(md))
     return 0
 

@@ -91,6 +91,7 @@ def main() -> int:
     from tqdm.auto import tqdm
 
     from lora_jax import profiling
+    from lora_jax.report import write_text
 
     rows = []
     for n in tqdm(counts, desc="device counts"):
@@ -121,9 +122,7 @@ def main() -> int:
         "config": args.config,
         "rows": rows,
     }
-    tmp = out / f"{args.name}.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / f"{args.name}.json")
+    write_text(out / f"{args.name}.json", json.dumps(record, indent=2) + "\n")
     first = rows[0]
     lines = [
         f"# Data-parallel scaling: {Path(args.config).name}, LoRA r=8 q,v, global batch {args.batch}, seq {args.seq}",
@@ -140,8 +139,7 @@ def main() -> int:
         mesh = r["parallel"]["mesh"]
         lines.append(f"| {r['devices']} | {mesh['data']} x {mesh['fsdp']} | {args.batch // r['devices']} | "
                      f"{r['step_median_s']:.3f} | {r['examples_per_s']:.1f} | {r['relative_to_first']:.2f}x |")
-    (out / f"{args.name}.md.tmp").write_text("\n".join(lines) + "\n")
-    os.replace(out / f"{args.name}.md.tmp", out / f"{args.name}.md")
+    write_text(out / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

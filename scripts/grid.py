@@ -325,6 +325,7 @@ def main() -> int:
         print(f"{missing} of {len(cells)} cells have not finished: summarising the other {len(rows)}",
               file=sys.stderr)
     from lora_jax import profiling
+    from lora_jax.report import write_text
 
     record = {
         "name": args.name,
@@ -338,11 +339,8 @@ def main() -> int:
         **summarise(rows, args),
     }
     results.mkdir(parents=True, exist_ok=True)
-    tmp = results / "summary.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, results / "summary.json")
-    (results / "summary.md.tmp").write_text(markdown(record))
-    os.replace(results / "summary.md.tmp", results / "summary.md")
+    write_text(results / "summary.json", json.dumps(record, indent=2) + "\n")
+    write_text(results / "summary.md", markdown(record))
     plot(record, results / "metric_vs_params.png")
     plot_costs(record, results / "memory_throughput.png")
     # AdaLoRA runs: the final ranks (JSON + heatmap + budget curve) of each run, kept with the summary.
