@@ -46,7 +46,8 @@ def rows_of(name: str, summary: dict) -> list[dict]:
             continue
         out.append({"grid": name, "task": task, "recipe": f"adalora-tN{hit.group(2) or ''}", "method": method,
                     "rank": int(hit.group(1)), "steps": steps, "seeds": a["dev"]["n"], "ada": a["dev"],
-                    "lora": b["dev"], "params": (a["trainable_params"], b["trainable_params"]), "delta": a["dev"]["median"] - b["dev"]["median"]})
+                    "lora": b["dev"], "params": (a["trainable_params"], b["trainable_params"]),
+                    "delta": a["dev"]["median"] - b["dev"]["median"]})
     return out
 
 
@@ -92,7 +93,8 @@ def main() -> int:
     for (recipe, steps), rs in groups.items():
         for r in sorted(rs, key=lambda r: (r["task"], r["rank"])):
             lines.append(f"| {recipe} | {steps} | {r['task']} | {r['rank']} | {r['seeds']} | {fmt(r['ada'])} | "
-                         f"{fmt(r['lora'])} | {r['delta']:+.4f} | {r['params'][0]:,} / {r['params'][1]:,} | [`{r['grid']}`](../{r['grid']}/) |")
+                         f"{fmt(r['lora'])} | {r['delta']:+.4f} | {r['params'][0]:,} / {r['params'][1]:,} | "
+                         f"[`{r['grid']}`](../{r['grid']}/) |")
     lines += ["", "| recipe | run | pairs | tasks | mean Δ | pairs ahead or level |", "|---|---|---:|---|---:|---:|"]
     for (recipe, steps), rs in groups.items():
         ds = [r["delta"] for r in rs]

@@ -528,14 +528,14 @@ def main() -> int:
         args.compile_cache = str(Path(args.compile_cache).expanduser().resolve())
     import datetime
 
+    from lora_jax.report import write_text
+
     model_name = json.loads((Path(args.config) / "config.json").read_text()).get("model_type", "model")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     def write(rows: list[dict]) -> tuple[str, dict]:
         """(Re)write the JSON and markdown after every cell, so that a grid cut short keeps what it ran."""
-        from lora_jax.report import write_text
-
         summarise(rows)
         dev = next((r["device"] for r in rows if "device" in r and r["framework"] == "jax"), {})
         stem = args.name or f"{model_name}-b{args.batch}-s{args.seq}-{dev.get('platform', 'unknown')}"

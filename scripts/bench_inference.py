@@ -61,6 +61,7 @@ def main() -> int:
 
     from lora_jax import lora, profiling, weights
     from lora_jax.model import forward, init_params
+    from lora_jax.report import write_text
     from lora_jax.serve import mixed_forward, stack_adapters
 
     mcfg = weights.read_config(Path(args.config), num_labels=2)
@@ -151,8 +152,6 @@ def main() -> int:
     md += [f"| {r['batch']} | {r['seq']} | {r['what']} | {r['latency_s'] * 1e3:.2f} | "
            f"{r['latency_q1_s'] * 1e3:.2f}-{r['latency_q3_s'] * 1e3:.2f} | {r['examples_per_sec']:.1f} | "
            f"{r['vs_base']:.3f}x |" for r in rows]
-    from lora_jax.report import write_text
-
     md += ["", "Memory of the weights in float32, computed from parameter counts (not measured):", "",
            "| adapters N | one base + N adapters (MiB) | N merged models (MiB) |", "|---:|---:|---:|"]
     md += [f"| {m['adapters']} | {mib(m['base_plus_adapters_bytes'])} | {mib(m['merged_models_bytes'])} |"

@@ -173,7 +173,8 @@ def test_adaptive_report_pairs_each_adalora_method_with_lora_at_its_budget():
 def _summary(command: str, cells: dict[tuple[str, str], list[float]]) -> dict:
     """A grid summary.json as scripts/grid.py writes it, with the fields adaptive_overview reads."""
     stat = lambda xs: {"median": sorted(xs)[len(xs) // 2], "min": min(xs), "max": max(xs), "n": len(xs)}
-    return {"command": command, "cells": [{"task": t, "method": m, "dev": stat(xs), "trainable_params": 1000} for (t, m), xs in cells.items()]}
+    return {"command": command, "cells": [{"task": t, "method": m, "dev": stat(xs), "trainable_params": 1000}
+                                          for (t, m), xs in cells.items()]}
 
 
 def test_adaptive_overview_groups_pairs_by_recipe_and_run_length(tmp_path):
