@@ -1,11 +1,21 @@
 """Shared fixtures: tiny random checkpoints, a tiny tokenizer and GLUE-shaped TSV files, all
 built in a temporary directory without network. ``shared`` points at the real files in
-``../shared`` (skipped outside CI when absent, a failure in CI)."""
+``../shared`` (skipped outside CI when absent, a failure in CI).
+
+Two tiers (markers in pyproject.toml): a test that starts a subprocess, trains the real MiniLM,
+runs README commands, a benchmark or the PyTorch reference is marked ``slow``; the rest is the fast
+tier, ``python -m pytest -q -m "not slow"``. An unmarked test that starts a subprocess fails
+(``_fast_tier_starts_no_process``), so the fast tier cannot grow slow by accident. Every subprocess
+of one test run shares one JAX persistent compilation cache (``_one_compile_cache_per_run``)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -56,11 +66,46 @@ def write_tiny_checkpoint(directory: Path, model_type: str = "bert", seed: int =
     return cfg
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject.toml): two workers for the whole suite, where most time is
+    single-threaded XLA compilation in subprocesses; none for the fast tier, which starting workers
+    (each importing JAX and torch) would slow down."""
+    if "not slow" in (config.option.markexpr or "") or (os.cpu_count() or 1) < 2:
+        return 0
+    return 2
+
+
+def pytest_collection_modifyitems(config, items):
+    """The README's chains, the longest tests, are handed out first, so that no xdist worker is left
+    alone with one at the end."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_readme.py")
+
+
+def _run_base(tmp_path_factory) -> Path:
+    """This test run's temporary directory, the same for every xdist worker."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(directory)`` run once per test run, whichever xdist worker asks first; the others wait
+    for it (a file lock) and read what it wrote."""
+    from filelock import FileLock
+
+    directory = _run_base(tmp_path_factory) / name
+    built = Path(f"{directory}.built")
+    with FileLock(f"{directory}.lock"):
+        if not built.is_file():
+            shutil.rmtree(directory, ignore_errors=True)  # what a failed build left
+            directory.mkdir(parents=True)
+            build(directory)
+            built.write_text("")
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny_bert")
-    write_tiny_checkpoint(d, "bert")
-    return d
+    return built_once(tmp_path_factory, "tiny_bert", lambda d: write_tiny_checkpoint(d, "bert"))
 
 
 def _sentence(rng) -> str:
@@ -91,4 +136,76 @@ def write_glue(root: Path, n_train: int = 64, n_dev: int = 24, seed: int = 0) ->
 
 @pytest.fixture(scope="session")
 def glue_dir(tmp_path_factory) -> Path:
-    return write_glue(tmp_path_factory.mktemp("glue"))
+    return built_once(tmp_path_factory, "glue", write_glue)
+
+
+# The tiny runs that many tests read: one length bucket (every batch padded to 32), so that each
+# task compiles one train step and one eval step.
+TINY_RUN = dict(batch_size=8, max_seq_len=32, num_buckets=0, max_steps=4, lr=1e-2)
+
+
+class TinyRuns(Mapping):
+    """{task: run directory} of LoRA runs of the tiny BERT on rte and sst2 (two labels) and stsb
+    (regression), each trained once per test run, when a test first asks for it: report.json,
+    adapter/, peft_adapter/ and checkpoints/. Read them; copy before changing anything. Each xdist
+    worker walks the tasks from another start, so that two workers train two runs at once."""
+
+    TASKS = ("rte", "sst2", "stsb")
+
+    def __init__(self, tmp_path_factory, model: Path, glue: Path):
+        self.factory, self.model, self.glue = tmp_path_factory, model, glue
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+        start = int(worker.removeprefix("gw")) if worker.removeprefix("gw").isdigit() else 0
+        self.order = self.TASKS[start % 3:] + self.TASKS[:start % 3]
+
+    def __getitem__(self, task: str) -> Path:
+        from lora_jax.config import TrainConfig
+        from lora_jax.train import fit
+
+        if task not in self.TASKS:
+            raise KeyError(task)
+        return built_once(self.factory, f"tiny-run-{task}", lambda out: fit(TrainConfig(
+            task=task, model=str(self.model), data_dir=str(self.glue), output_dir=str(out), **TINY_RUN),
+            progress=False))
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.TASKS)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_bert_dir, glue_dir, tmp_path_factory) -> TinyRuns:
+    return TinyRuns(tmp_path_factory, tiny_bert_dir, glue_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_compile_cache_per_run(tmp_path_factory):
+    """Subprocesses inherit JAX's persistent compilation cache through the environment: identical
+    tiny steps (the same script run twice, a killed run and its resume) compile once per test run.
+    This process keeps it off, having imported JAX before: in-process tests compile as users do and
+    the compiled-memory tests see fresh executables. A run's own --compile-cache still wins."""
+    cache = _run_base(tmp_path_factory) / "jax-compile-cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
+        mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        yield cache
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request, monkeypatch):
+    """A test outside the slow tier that starts Python or a shell (a script, a run, a benchmark) fails,
+    naming the marker it lacks. Other programs pass: the standard library asks `uname` for
+    platform.processor()."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    original = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        program = Path((args.split() if isinstance(args, str) else list(args))[0]).name
+        if "python" in program or program in ("bash", "sh") or program == Path(sys.executable).name:
+            raise AssertionError(f"{request.node.nodeid} starts {program}: mark it @pytest.mark.slow")
+        original(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)

@@ -12,10 +12,8 @@ from lora_jax import adapter as adapter_lib
 from lora_jax import lora, weights
 from lora_jax.adapter import AdapterError
 from lora_jax.cli import evaluate_main
-from lora_jax.config import TrainConfig
 from lora_jax.evaluate import evaluate_adapter
 from lora_jax.model import forward
-from lora_jax.train import fit
 
 from .conftest import shared_path, write_tiny_checkpoint
 
@@ -68,7 +66,8 @@ def tiny_roberta(tmp_path_factory):
 
 
 def bases():
-    return ["tiny_roberta", "minilm"]
+    # The real MiniLM in torch and peft takes seconds per test: the slow tier's.
+    return ["tiny_roberta", pytest.param("minilm", marks=pytest.mark.slow)]
 
 
 def base_dir(name, request):
@@ -135,25 +134,21 @@ def test_import_rejects_unsupported_peft_options(tiny_roberta, tmp_path):
         adapter_lib.import_peft(tmp_path / "p", params, mcfg)
 
 
-def test_adapter_round_trip_and_evaluate(tiny_bert_dir, glue_dir, tmp_path, capsys):
-    cfg = TrainConfig(task="rte", model=str(tiny_bert_dir), data_dir=str(glue_dir), batch_size=8, max_seq_len=32,
-                      num_buckets=2, max_steps=6, lr=1e-2, output_dir=str(tmp_path / "run"))
-    report, _ = fit(cfg, progress=False)
+def test_adapter_round_trip_and_evaluate(tiny_runs, glue_dir, capsys):
+    run = tiny_runs["rte"]
+    report = json.loads((run / "report.json").read_text())
     assert report["adapter_bytes"] < report["full_model_fp32_bytes"] / 5
-    res = evaluate_adapter(str(tmp_path / "run" / "adapter"), data_dir=str(glue_dir), batch_size=8)
+    res = evaluate_adapter(str(run / "adapter"), data_dir=str(glue_dir), batch_size=8)
     assert res == {"dev": report["metrics"]["dev"]["final"]["values"]}
-    peft_res = evaluate_adapter(str(tmp_path / "run" / "peft_adapter"), peft=True, task="rte",
+    peft_res = evaluate_adapter(str(run / "peft_adapter"), peft=True, task="rte",
                                 data_dir=str(glue_dir), batch_size=8, max_seq_len=32)
     assert peft_res == res
-    assert evaluate_main(["--adapter", str(tmp_path / "run" / "adapter"), "--data-dir", str(glue_dir)]) == 0
+    assert evaluate_main(["--adapter", str(run / "adapter"), "--data-dir", str(glue_dir)]) == 0
     assert "dev: accuracy=" in capsys.readouterr().out
 
 
-def test_adapter_bad_input(tiny_bert_dir, glue_dir, tmp_path, capsys):
-    cfg = TrainConfig(task="rte", model=str(tiny_bert_dir), data_dir=str(glue_dir), batch_size=8, max_seq_len=32,
-                      num_buckets=2, max_steps=2, output_dir=str(tmp_path / "run"))
-    fit(cfg, progress=False)
-    good = tmp_path / "run" / "adapter"
+def test_adapter_bad_input(tiny_runs, glue_dir, tmp_path, capsys):
+    good = tiny_runs["rte"] / "adapter"
 
     def fails(argv, match):
         assert evaluate_main(argv + ["--data-dir", str(glue_dir)]) == 2
@@ -162,7 +157,7 @@ def test_adapter_bad_input(tiny_bert_dir, glue_dir, tmp_path, capsys):
 
     fails(["--adapter", str(tmp_path / "nope")], "does not exist")
     fails(["--adapter", str(tmp_path)], "not an adapter directory")
-    fails(["--adapter", str(tmp_path / "run" / "peft_adapter")], "pass --peft")
+    fails(["--adapter", str(tiny_runs['rte'] / "peft_adapter")], "pass --peft")
     # Another base: same family, other shapes.
     other = tmp_path / "other"
     write_tiny_checkpoint(other, "bert", intermediate_size=48)

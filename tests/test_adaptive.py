@@ -156,6 +156,7 @@ def _adalora(model, glue, out, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_gradient_init_starts_lambda_on_the_task_gradient(tiny_bert_dir, glue_dir, tmp_path):
     """--adalora-init gradient: ΔW = 0 still, and ∂L/∂λ_i is scale · σ_i(∂L/∂W) on the probe batches,
     at least what random orthonormal P, Q give (Ky Fan: no orthonormal pair projects more)."""
@@ -189,6 +190,7 @@ def test_gradient_init_starts_lambda_on_the_task_gradient(tiny_bert_dir, glue_di
     assert np.median(ratio) > 2  # random directions see a small share of the gradient
 
 
+@pytest.mark.slow
 def test_adalora_run_compiles_once_and_saves_the_trained_model(tiny_bert_dir, glue_dir, tmp_path):
     cfg = _adalora(tiny_bert_dir, glue_dir, tmp_path / "run")
     report, state = fit(cfg, progress=False)

@@ -92,6 +92,7 @@ def test_module_is_identity_when_deterministic_and_keeps_dtype():
     assert set(np.unique(kept)) <= {0.0, float(jnp.asarray(2**16 / dropout.keep_threshold(0.3), jnp.bfloat16))}
 
 
+@pytest.mark.slow
 def test_model_dropout_uses_the_new_masks_and_stays_deterministic():
     """The encoder's train forward: same rng, same logits; another rng, other logits."""
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,

@@ -24,6 +24,7 @@ def _grid(model, glue, runs, results, *flags):
     return json.loads((results / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_grid_with_reference_resumes_and_summarises(tiny_bert_dir, glue_dir, tmp_path):
     runs, results = tmp_path / "runs", tmp_path / "results"
     flags = ["--tasks", "rte", "--methods", "lora-qv-r8,adalora-t2", "--seeds", "0,1", "--max-steps", "8",
@@ -63,6 +64,7 @@ def test_grid_with_reference_resumes_and_summarises(tiny_bert_dir, glue_dir, tmp
     assert cells["lora-qv-r8"]["dev"]["n"] == 1 and cells["torch:lora-qv-r8"]["dev"]["n"] == 2
 
 
+@pytest.mark.slow
 def test_reproduce_paper_script_with_warm_start(tiny_bert_dir, glue_dir, tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "MODEL": str(tiny_bert_dir), "GLUE_DIR": str(glue_dir),
            "TASKS": "sst2,rte", "WARM_START": "sst2", "RUNS": str(tmp_path / "runs"),
@@ -89,6 +91,7 @@ def _torch_cmd(model, glue, out, *extra):
             "--save-every", "5", "--lora-dropout", "0.1", "--output-dir", str(out), "--no-progress", *extra]
 
 
+@pytest.mark.slow
 def test_torch_reference_sigkill_then_resume(tiny_bert_dir, glue_dir, tmp_path):
     """The PyTorch reference continues a killed run from its checkpoint: the same trained adapter and
     losses as the run that was never stopped (LoRA dropout on, so the RNG state is restored too)."""
@@ -177,6 +180,7 @@ def _summary(command: str, cells: dict[tuple[str, str], list[float]]) -> dict:
                                           for (t, m), xs in cells.items()]}
 
 
+@pytest.mark.slow
 def test_adaptive_overview_groups_pairs_by_recipe_and_run_length(tmp_path):
     grids = {
         "g300": _summary("python scripts/grid.py --name g300 --max-steps 300 -- --num-buckets 4", {

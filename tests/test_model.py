@@ -64,6 +64,7 @@ def test_parity_tiny_bert_with_token_types(tmp_path):
     compare(tm, tmp_path, ids, mask, types, 2)
 
 
+@pytest.mark.slow
 def test_parity_real_minilm(tmp_path):
     src = shared_path("models", "all-MiniLM-L6-v2")
     torch.manual_seed(0)
@@ -87,6 +88,7 @@ def test_parity_real_minilm(tmp_path):
     assert np.abs(np.where(real, ref - hidden, 0)).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_gradients_match_torch_autograd(tmp_path):
     """Every parameter's gradient of a cross-entropy loss agrees with torch autograd (eval mode).
 
@@ -122,6 +124,7 @@ def test_gradients_match_torch_autograd(tmp_path):
     assert checked >= 30  # every encoder matrix, LayerNorm and the head
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_close_to_float32():
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=64, max_position_embeddings=40)
@@ -134,6 +137,7 @@ def test_bfloat16_compute_close_to_float32():
     np.testing.assert_allclose(np.asarray(bf["hidden"], np.float32), f32["hidden"], atol=0.1)
 
 
+@pytest.mark.slow
 def test_remat_same_gradients():
     base = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                 intermediate_size=64, max_position_embeddings=40)
@@ -151,6 +155,7 @@ def test_remat_same_gradients():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ref, grads(policy))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
 def test_logits_alone_same_logits_and_gradients_for_less_work(model_type):
     """hidden=False (training, evaluation, serving): the last layer runs the first token's row alone."""
@@ -175,6 +180,7 @@ def test_logits_alone_same_logits_and_gradients_for_less_work(model_type):
     assert flops[False] < 0.8 * flops[True], flops  # 2 layers: the second's queries, FFN and output on 1 row of 11
 
 
+@pytest.mark.slow
 def test_layer_remat_lowers_the_compiled_step_memory():
     # What XLA allocates, not what JAX hands it: a recomputation that may run early (in the forward
     # pass) saves nothing. Before the gradient gate (model._gated_backward) "qkv" and "full" left this
@@ -195,6 +201,7 @@ def test_layer_remat_lowers_the_compiled_step_memory():
     assert temp["full"] < temp["none"], temp
 
 
+@pytest.mark.slow
 def test_light_remat_same_dropout_fewer_saved_activations():
     # Sequence 128 over heads of size 4: the (B, heads, T, T) attention activations dominate.
     base = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
@@ -227,6 +234,7 @@ def test_light_remat_same_dropout_fewer_saved_activations():
     assert saved["cheap"] <= saved["attention"] - 2 * 4 * ffn
 
 
+@pytest.mark.slow
 def test_dropout_needs_rng_and_is_deterministic_given_it():
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                       intermediate_size=64, max_position_embeddings=40)

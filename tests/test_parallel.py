@@ -67,6 +67,7 @@ def one_device_run(tiny_bert_dir, glue_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_four_devices_match_one(one_device_run, tiny_bert_dir, glue_dir, tmp_path):
     out = tmp_path / "four"
     _run(_cmd(tiny_bert_dir, glue_dir, out), devices=4)
@@ -82,6 +83,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_with_fsdp_match_one_device(one_device_run, tiny_bert_dir, glue_dir, tmp_path):
     """2 processes x 2 devices, the frozen base sharded over a 2-device fsdp axis."""
     out = tmp_path / "two"
@@ -103,6 +105,7 @@ def test_two_processes_with_fsdp_match_one_device(one_device_run, tiny_bert_dir,
     _assert_same_run(one_device_run, out)
 
 
+@pytest.mark.slow
 def test_batch_that_does_not_divide_is_one_line_error(tiny_bert_dir, glue_dir, tmp_path):
     done = subprocess.run(_cmd(tiny_bert_dir, glue_dir, tmp_path / "r", "--batch-size", "6"),
                           capture_output=True, text=True, timeout=600, env=_env(4))

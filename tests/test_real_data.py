@@ -4,10 +4,14 @@ Reference (PyTorch + peft, same model, LoRA r=8 on q,v, lr 5e-4, batch 32): dev 
 0.78 after 100 steps and 0.81 after 300; the majority class is 0.51. A few minutes on 2 cores.
 """
 
+import pytest
+
 from lora_jax.config import TrainConfig
 from lora_jax.train import fit
 
 from .conftest import shared_path
+
+pytestmark = pytest.mark.slow
 
 
 def test_minilm_lora_learns_sst2(tmp_path):

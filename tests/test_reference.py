@@ -11,6 +11,8 @@ import pytest
 
 from .conftest import ROOT, write_tiny_checkpoint
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 

@@ -9,10 +9,8 @@ import pytest
 
 from lora_jax import lora, weights
 from lora_jax.cli import predict_main
-from lora_jax.config import TrainConfig
 from lora_jax.model import ModelConfig, forward, init_params
 from lora_jax.serve import MIXED_IMPLS, PredictError, Predictor, export_merged, merged_params, mixed_forward, stack_adapters
-from lora_jax.train import fit
 
 from .conftest import TINY, write_tiny_checkpoint
 from .test_adapter import batch, jax_logits, trained_leaves
@@ -50,6 +48,7 @@ def test_merged_export_loads_in_transformers(model_type, tmp_path):
     assert np.abs(theirs - np.asarray(plain["logits"])).max() <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", MIXED_IMPLS)
 def test_mixed_forward_equals_each_adapter_alone(impl):
     # Three adapters of different ranks and targets (zero-padded in the bank); rows name them in
@@ -80,15 +79,9 @@ def test_mixed_forward_equals_each_adapter_alone(impl):
 
 
 @pytest.fixture(scope="module")
-def two_adapters(tiny_bert_dir, glue_dir, tmp_path_factory):
-    out = {}
-    for task in ("rte", "sst2", "stsb"):
-        d = tmp_path_factory.mktemp(task)
-        cfg = TrainConfig(task=task, model=str(tiny_bert_dir), data_dir=str(glue_dir), batch_size=8, max_seq_len=32,
-                          num_buckets=2, max_steps=4, lr=1e-2, output_dir=str(d))
-        fit(cfg, progress=False)
-        out[task] = d / "adapter"
-    return out
+def two_adapters(tiny_runs):
+    """The session's tiny rte and sst2 adapters (tests/conftest.py): the same shapes, other labels."""
+    return {task: tiny_runs[task] / "adapter" for task in ("rte", "sst2")}
 
 
 def test_predictor_switches_adapters_without_recompiling(two_adapters):
@@ -112,8 +105,10 @@ def test_predictor_switches_adapters_without_recompiling(two_adapters):
         p.predict(["x"], adapter="mnli")
 
 
-def test_mixed_batch_equals_serving_each_alone(two_adapters):
-    p = Predictor({k: str(v) for k, v in two_adapters.items()}, batch_size=4)
+@pytest.mark.slow
+def test_mixed_batch_equals_serving_each_alone(two_adapters, tiny_runs):
+    adapters = {**two_adapters, "stsb": tiny_runs["stsb"] / "adapter"}  # a regression head of 1 output
+    p = Predictor({k: str(v) for k, v in adapters.items()}, batch_size=4)
     texts = [("the cat sat", "good cat"), "good movie", ("a dog ran away", "bad dog"), "bad film was awful",
              "it was very good", ("man", "woman"), ("a cat", "the cat sat on the mat")]
     names = ["rte", "sst2", "rte", "sst2", "sst2", "rte", "stsb"]  # 2, 2 and 1 outputs: heads padded

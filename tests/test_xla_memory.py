@@ -1,6 +1,6 @@
 """What XLA allocates for a LoRA train step under the layer remat policies (XLA's compiled memory
 analysis, not what JAX hands it): the levers of results/profile/xla-cpu-remat/; and what it computes
-(the compiled program's size per layer)."""
+(the compiled program's size per layer). Each compiles models of up to 8 layers: the slow tier's."""
 
 import re
 
@@ -42,6 +42,7 @@ def lora_grad_instructions(layers: int, remat: str, **kw) -> int:
     return sum(1 for line in text.splitlines() if re.match(r"\s+(ROOT )?%\S+ = ", line))
 
 
+@pytest.mark.slow
 def test_full_remat_keeps_about_one_activation_per_layer():
     # With every layer recomputed, a layer more should cost about its saved input. Before the
     # gradient passed between layers went through an unfusable identity (model._gated_backward),
@@ -51,6 +52,7 @@ def test_full_remat_keeps_about_one_activation_per_layer():
     assert per_layer < 2 * ACTIVATION, per_layer / ACTIVATION
 
 
+@pytest.mark.slow
 def test_full_remat_with_the_memory_scheduler_keeps_about_one_activation_per_layer():
     # The LoRA factors' gradient dots (small outputs, (B·T, H) inputs) had no consumer before the end
     # of the program, and XLA:CPU's memory-optimised scheduler ran them there, keeping two (B·T, H)
@@ -61,6 +63,7 @@ def test_full_remat_with_the_memory_scheduler_keeps_about_one_activation_per_lay
     assert per_layer < 1.5 * ACTIVATION, per_layer / ACTIVATION
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option; other backends ignore it")
 def test_memory_scheduler_lowers_full_remat_with_dropout():
     # With dropout, XLA:CPU's default scheduler prepares the recomputation's random-bit counters
@@ -78,6 +81,7 @@ def test_scheduler_options():
         TrainConfig(task="rte", xla_scheduler="fast").validate()
 
 
+@pytest.mark.slow
 def test_each_layer_adds_the_same_work_without_layer_remat():
     # The default policy keeps layers whole. Before the gradient passed between them went through an
     # unfusable identity (model._unfused_gradient), XLA's CPU fusion copied the residual gradient's
