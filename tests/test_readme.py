@@ -222,7 +222,8 @@ def check_bench_epoch(command: str, entries_before: int) -> None:
     """scripts/bench_epoch.py: the same batches in the unpadded cells, static padding pads more, and the
     compile cache reaching the lora-jax cells (the first finds what was there before, the next more)."""
     out = ROOT / _flag(command, "--out")
-    record = json.loads((out / "sst2-b32-cpu.json").read_text())
+    stem = f"{_flag(command, '--task', 'sst2')}-b{_flag(command, '--batch-size', '32')}-cpu"
+    record = json.loads((out / f"{stem}.json").read_text())
     rows = {r["cell"]: r for r in record["rows"]}
     assert set(rows) == set(_flag(command, "--cells").split(","))
     steps = int(_flag(command, "--steps"))
@@ -232,14 +233,14 @@ def check_bench_epoch(command: str, entries_before: int) -> None:
     assert rows["jax:pad"]["padding_share"] > rows["jax:buckets"]["padding_share"]
     assert all(r["examples_per_s"] > 0 for r in rows.values())
     assert "lora-jax buckets / the faster PyTorch cell" in record["ratios"]
-    assert (out / "sst2-b32-cpu.md").is_file() and (out / "sst2-b32-cpu.png").stat().st_size > 1000
+    assert (out / f"{stem}.md").is_file() and (out / f"{stem}.png").stat().st_size > 1000
     cache = _flag(command, "--compile-cache")  # passed on to train.py as written
     assert rows["jax:buckets"]["compile_cache"] == rows["jax:pad"]["compile_cache"] == cache
     assert rows["jax:buckets"]["compile_cache_entries_before"] == entries_before
     assert rows["jax:pad"]["compile_cache_entries_before"] > entries_before  # jax:buckets filled it
     assert rows["torch:dynamic"]["compile_cache"] is None
     if entries_before == 0:
-        assert "cold: this run compiled and filled it" in (out / "sst2-b32-cpu.md").read_text()
+        assert "cold: this run compiled and filled it" in (out / f"{stem}.md").read_text()
 
 
 def check_profile_step(command: str, _: None) -> None:
