@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -301,3 +302,22 @@ def test_many_devices_block_runs():
     two = json.loads((ROOT / "runs" / "rte-2proc" / "report.json").read_text())
     assert two["parallel"] == {"devices": 2, "processes": 2, "mesh": {"data": 1, "fsdp": 2}, "platform": "cpu"}
     assert two["steps"] == 4
+
+
+def test_tests_block_fast_tier_covers_every_module_with_a_test_file():
+    """The Tests section's fast-tier command, collected as written: it selects tests from the test file
+    of every lora_jax module that has one, and none marked slow (the whole suite runs them all)."""
+    fast = next(line for line in readme_block("Tests").splitlines() if '-m "not slow"' in line)
+    command = shlex.split(fast.split("#")[0])
+    assert command[:3] == [".venv/bin/python", "-m", "pytest"]
+    proc = subprocess.run([sys.executable, "-m", "pytest", *command[3:], "--collect-only", "-p",
+                           "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    selected = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
+    modules = {p.stem for p in (ROOT / "lora_jax").glob("*.py") if p.stem != "__init__"}
+    with_tests = {m for m in modules if (ROOT / "tests" / f"test_{m}.py").is_file()}
+    assert len(with_tests) >= 12
+    assert {f"tests/test_{m}.py" for m in with_tests} <= selected, sorted(
+        {f"tests/test_{m}.py" for m in with_tests} - selected)
+    readme_ids = [line for line in proc.stdout.splitlines() if line.startswith("tests/test_readme.py::")]
+    assert not readme_ids  # the README's commands are all slow
