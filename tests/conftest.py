@@ -3,10 +3,11 @@ built in a temporary directory without network. ``shared`` points at the real fi
 ``../shared`` (skipped outside CI when absent, a failure in CI).
 
 Two tiers (markers in pyproject.toml): a test that starts a subprocess, trains the real MiniLM,
-runs README commands, a benchmark or the PyTorch reference is marked ``slow``; the rest is the fast
-tier, ``python -m pytest -q -m "not slow"``. An unmarked test that starts a subprocess fails
-(``_fast_tier_starts_no_process``), so the fast tier cannot grow slow by accident. Every subprocess
-of one test run shares one JAX persistent compilation cache (``_one_compile_cache_per_run``)."""
+runs README commands, a benchmark or the PyTorch reference, or compiles for long is marked ``slow``;
+the rest is the fast tier, ``python -m pytest -q -m "not slow"`` (at most 90 s here). An unmarked
+test that starts Python or a shell fails (``_fast_tier_starts_no_process``), so the fast tier cannot
+grow slow by accident. Every subprocess of one test run shares one JAX persistent compilation cache
+(``_one_compile_cache_per_run``)."""
 
 from __future__ import annotations
 
