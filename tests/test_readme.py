@@ -78,16 +78,15 @@ CHAINS = chains(readme_commands())
 def test_block_is_cut_into_chains_by_what_each_command_reads():
     assert len(readme_commands()) >= 10
     assert sorted(c for chain in CHAINS for c in chain) == sorted(readme_commands())  # none dropped, none twice
-    by_first = {chain[0]: chain for chain in CHAINS}
+    assert len(CHAINS) > 5  # independent chains for the xdist workers
     predict = next(c for c in readme_commands() if "predict.py" in c)
     chain = next(ch for ch in CHAINS if predict in ch)
     # predict reads the sst2 and mrpc adapters: both runs come before it in its chain.
     assert any("--output-dir runs/sst2 " in c for c in chain[:chain.index(predict)])
+    assert any("--output-dir runs/mrpc " in c for c in chain[:chain.index(predict)])
     # --resume continues the run before it in the same directory.
     resume = next(c for c in readme_commands() if "--resume" in c)
-    assert chain.index(resume) > 0 and resume in chain
-    assert any("--output-dir runs/mrpc " in c for c in chain[:chain.index(predict)])
-    assert len(by_first) == len(CHAINS) > 5
+    assert resume in chain and chain.index(resume) > 0
 
 
 def run_readme_command(command: str) -> subprocess.CompletedProcess:
