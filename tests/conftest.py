@@ -77,9 +77,12 @@ def pytest_xdist_auto_num_workers(config) -> int:
 
 
 def pytest_collection_modifyitems(config, items):
-    """The README's chains, the longest tests, are handed out first, so that no xdist worker is left
-    alone with one at the end."""
-    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_readme.py")
+    """The longest tests are handed out first: the README's chains, then the other slow tests, then
+    the fast tier. With ``--maxschedchunk 1`` (pyproject.toml) each xdist worker takes the next test
+    when it finishes one, so the short tests at the end fill in and neither worker is left alone
+    with a long one."""
+    items.sort(key=lambda item: (item.nodeid.split("::")[0] != "tests/test_readme.py",
+                                 item.get_closest_marker("slow") is None))
 
 
 def _run_base(tmp_path_factory) -> Path:

@@ -17,6 +17,8 @@ pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 STEPS = 16
+# The subprocess runs below pass --num-buckets 0: one shape, so one compilation of each step (the
+# default eight buckets spent about three quarters of a tiny run compiling).
 
 
 def _losses(run_dir) -> np.ndarray:
@@ -44,7 +46,7 @@ def no_dropout_bert(tmp_path_factory):
 def test_same_init_and_no_dropout_give_the_same_loss_curve(method, no_dropout_bert, glue_dir, tmp_path):
     common = ["--task", "rte", "--model", str(no_dropout_bert), "--data-dir", str(glue_dir), "--method", method,
               "--max-steps", str(STEPS), "--batch-size", "4", "--lr", "1e-2", "--max-seq-len", "32", "--seed", "3",
-              "--warmup-ratio", "0.25"]
+              "--warmup-ratio", "0.25", "--num-buckets", "0"]
     if method == "lora":
         common += ["--targets", "all", "--lora-rank", "4", "--lora-alpha", "8"]
     ours = _run("train.py", tmp_path / "jax", common, "--log-every", "1", "--no-progress")
@@ -74,7 +76,7 @@ def test_compare_reference_script(tiny_bert_dir, glue_dir, tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "compare_reference.py"), "--task", "rte", "--model",
            str(tiny_bert_dir), "--data-dir", str(glue_dir), "--methods", "lora-qv-r8", "--max-steps", "6",
            "--lr", "1e-2", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--",
-           "--batch-size", "4", "--max-seq-len", "32"]
+           "--batch-size", "4", "--max-seq-len", "32", "--num-buckets", "0"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "results" / "compare.json").read_text())
