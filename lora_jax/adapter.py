@@ -63,8 +63,12 @@ def _load_tensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def export(directory: Path, trainable: dict, *, mcfg: ModelConfig, lcfg: lora.LoraConfig, base_model: str,
-           task: str, label_names: tuple[str, ...], max_seq_len: int | None = None) -> int:
-    """Write the trained leaves and metadata; returns the adapter's size in bytes."""
+           task: str, label_names: tuple[str, ...], max_seq_len: int | None = None,
+           base_fingerprint: str | None = None) -> int:
+    """Write the trained leaves and metadata; returns the adapter's size in bytes.
+
+    ``base_fingerprint`` (``weights.fingerprint`` of the base it was trained on) lets a loader refuse
+    another checkpoint of the same architecture (``check_base``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -72,6 +76,7 @@ def export(directory: Path, trainable: dict, *, mcfg: ModelConfig, lcfg: lora.Lo
         "format_version": FORMAT_VERSION,
         "base_model": base_model,
         "architecture_hash": mcfg.architecture_hash(),
+        "base_fingerprint": base_fingerprint,
         "model_config": dataclasses.asdict(mcfg),
         "lora": dataclasses.asdict(lcfg),
         "task": task,
@@ -87,6 +92,27 @@ def size_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in Path(directory).iterdir() if f.is_file())
 
 
+def read_json(file: Path) -> dict:
+    """A JSON object from ``file``; anything else (unreadable, not UTF-8, not JSON, not an object) is an
+    AdapterError naming the file."""
+    try:
+        value = json.loads(Path(file).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise AdapterError(f"cannot read {file}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise AdapterError(f"{file} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise AdapterError(f"{file} holds {type(value).__name__}, not a JSON object")
+    return value
+
+
+# What a lora-jax adapter's metadata must hold, and the type of each.
+_META_FIELDS = {"base_model": str, "architecture_hash": str, "model_config": dict, "lora": dict, "task": str,
+                "label_names": list}
+
+
 def read_meta(directory: Path) -> dict:
     directory = Path(directory)
     if not directory.is_dir():
@@ -94,24 +120,39 @@ def read_meta(directory: Path) -> dict:
     file = directory / CONFIG
     if not file.is_file():
         raise AdapterError(f"{directory} has no {CONFIG}: not an adapter directory")
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{file} is not valid JSON: {e}") from None
+    meta = read_json(file)
     if meta.get("format") != FORMAT:
         hint = " (it is a peft adapter: pass --peft)" if "peft_type" in meta else ""
         raise AdapterError(f"{directory} is not a lora-jax adapter{hint}")
     if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
         raise AdapterError(f"{directory} has adapter format version {meta.get('format_version')!r}; "
                            f"this lora-jax reads up to {FORMAT_VERSION}: upgrade it")
+    bad = [k for k, t in _META_FIELDS.items() if not isinstance(meta.get(k), t)]
+    if bad or not isinstance(meta["model_config"].get("num_labels"), int):
+        raise AdapterError(f"{file} lacks {', '.join(bad) or 'model_config.num_labels'} (or has the wrong type): "
+                           "a damaged adapter")
+    lora_config(meta, file)  # raises on fields that do not make a LoRA config
     return meta
 
 
-def lora_config(meta: dict) -> lora.LoraConfig:
-    fields = dict(meta["lora"])
-    for k in ("targets", "trainable"):
-        fields[k] = tuple(fields[k])
-    return lora.LoraConfig(**fields)
+def check_base(meta: dict, fingerprint: str, base: str, where: str, *, force: bool = False) -> None:
+    """Refuse a base whose weights are not the ones the adapter was trained on (same architecture, other
+    checkpoint: the numbers would be wrong without any error). ``force`` lets it through; adapters
+    written before fingerprints (no ``base_fingerprint``) are not checked."""
+    want = meta.get("base_fingerprint")
+    if want and fingerprint != want and not force:
+        raise AdapterError(f"{where} was trained on other base weights ({meta.get('base_model')}, fingerprint "
+                           f"{want}) than {base} ({fingerprint}); pass --force-base to use it anyway")
+
+
+def lora_config(meta: dict, where: Path | str = "the adapter") -> lora.LoraConfig:
+    try:
+        fields = dict(meta["lora"])
+        for k in ("targets", "trainable"):
+            fields[k] = tuple(fields[k])
+        return lora.LoraConfig(**fields)
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdapterError(f"{where}: its LoRA settings are damaged ({type(e).__name__}: {e})") from None
 
 
 def load(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -223,12 +264,19 @@ def import_peft(directory: Path, params: dict, mcfg: ModelConfig) -> tuple[lora.
     file = directory / PEFT_CONFIG
     if not file.is_file():
         raise AdapterError(f"{directory} has no {PEFT_CONFIG}: not a peft adapter directory")
-    cfg = json.loads(file.read_text())
+    cfg = read_json(file)
     if cfg.get("peft_type") != "LORA":
         raise AdapterError(f"{directory}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     bad = [f"{k}={cfg[k]!r}" for k, ok in _PEFT_UNSUPPORTED.items() if k in cfg and cfg[k] not in ok]
     if bad:
         raise AdapterError(f"{directory}: unsupported peft options: {', '.join(bad)}")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not (isinstance(r, int) and r > 0 and isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise AdapterError(f"{file}: r and lora_alpha must be a positive integer and a positive number, "
+                           f"got r={r!r}, lora_alpha={alpha!r}")
+    for k in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(cfg.get(k) or {}, dict):
+            raise AdapterError(f"{file}: {k} must be an object, got {cfg[k]!r}")
     if not (directory / PEFT_WEIGHTS).is_file():
         raise AdapterError(f"{directory} has no {PEFT_WEIGHTS}")
     tensors = _load_tensors(directory / PEFT_WEIGHTS)

@@ -176,7 +176,7 @@ def train_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(logging.INFO)
     from . import parallel
-    from .train import TrainingDiverged, fit
+    from .train import Interrupted, TrainingDiverged, fit
 
     try:
         cfg = config_from_args(args)
@@ -194,6 +194,14 @@ def train_main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        out = args.output_dir or TrainConfig().output_dir
+        print(f"interrupted outside the training loop; if {out}/checkpoints exists, the same command with --resume "
+              "continues from its newest step", file=sys.stderr)
+        return 130
     if not parallel.is_main_process():
         return 0
     primary = report["primary_metric"]
@@ -216,6 +224,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-seq-len", type=int, help="default: the training run's")
     p.add_argument("--max-eval-examples", type=int)
+    p.add_argument("--force-base", action="store_true",
+                   help="use --model even if its weights are not the ones the adapter was trained on")
     args = p.parse_args(argv)
     _setup_logging(logging.WARNING)
     from .evaluate import evaluate_adapter
@@ -225,7 +235,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             raise ConfigValueError(f"--batch-size must be > 0, got {args.batch_size}")
         results = evaluate_adapter(args.adapter, task=args.task, data_dir=args.data_dir, dev_file=args.dev_file,
                                    model=args.model, peft=args.peft, batch_size=args.batch_size,
-                                   max_seq_len=args.max_seq_len, max_eval_examples=args.max_eval_examples)
+                                   max_seq_len=args.max_seq_len, max_eval_examples=args.max_eval_examples,
+                                   force_base=args.force_base)
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -246,6 +257,8 @@ def predict_main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="JSONL file (default: standard output)")
     p.add_argument("--model", help="base model (default: the one named by the first adapter)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--force-base", action="store_true",
+                   help="use the base even where its weights are not the ones an adapter was trained on")
     args = p.parse_args(argv)
     _setup_logging(logging.WARNING)
     from .serve import PredictError, Predictor
@@ -256,24 +269,34 @@ def predict_main(argv: list[str] | None = None) -> int:
             name, sep, directory = spec.partition("=")
             if not sep or not name or not directory:
                 raise ConfigValueError(f"--adapter takes NAME=DIR, got {spec!r}")
+            if name in named:
+                raise ConfigValueError(f"--adapter {name}= is given twice ({named[name]} and {directory})")
             named[name] = directory
         if args.batch_size <= 0:
             raise ConfigValueError(f"--batch-size must be > 0, got {args.batch_size}")
         if args.input == "-":
-            lines = sys.stdin.read().splitlines()
+            raw = sys.stdin.buffer.read()
         else:
             try:
-                lines = open(args.input, encoding="utf-8").read().splitlines()
+                raw = Path(args.input).read_bytes()
             except OSError as e:
                 raise ConfigValueError(f"cannot read --input {args.input}: {e.strerror}") from None
-        predictor = Predictor(named, model=args.model, batch_size=args.batch_size)
+        if args.output:
+            check_writable_file(Path(args.output), "--output")  # before any prediction is computed
+        predictor = Predictor(named, model=args.model, batch_size=args.batch_size, force_base=args.force_base)
     except (*_user_errors(), PredictError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = predict_lines(predictor, lines)
+    results = predict_lines(predictor, raw.splitlines())
     text = "".join(json.dumps(r) + "\n" for r in results)
     if args.output:
-        write_text(Path(args.output), text)
+        try:
+            write_text(Path(args.output), text)
+        except OSError as e:  # it was writable a moment ago; say so, and keep the answers
+            sys.stdout.write(text)
+            print(f"error: cannot write --output {args.output} ({e.strerror}); the answers went to standard "
+                  "output instead", file=sys.stderr)
+            return 2
     else:
         sys.stdout.write(text)
     failed = sum("error" in r for r in results)
@@ -282,23 +305,44 @@ def predict_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def predict_lines(predictor, lines: list[str]) -> list[dict]:
-    """Answer JSONL request lines in order; a bad line gets {"line", "error"} and the rest go on."""
+def check_writable_file(path: Path, flag: str) -> None:
+    """Fail now, not after the work, if ``path`` cannot be written: its directory must exist and take a
+    new file (a probe, removed at once); an existing directory at ``path`` is refused too."""
+    import tempfile
+
+    if path.is_dir():
+        raise ConfigValueError(f"{flag} {path} is a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=".write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigValueError(f"cannot write {flag} {path}: {e.strerror or e}") from None
+
+
+def predict_lines(predictor, lines: list[str | bytes]) -> list[dict]:
+    """Answer JSONL request lines (text, or bytes decoded here as UTF-8) in order; a bad line gets
+    {"line", "error"} and the rest go on."""
     from .serve import PredictError
 
     results: list[dict | None] = [None] * len(lines)
     groups: dict[str, list[tuple[int, object]]] = {}
     for i, line in enumerate(lines):
-        if not line.strip():
-            results[i] = {"line": i + 1, "error": "empty line"}
-            continue
         try:
+            if isinstance(line, bytes):
+                line = line.decode("utf-8-sig" if i == 0 else "utf-8")
+            if not line.strip():
+                raise PredictError("empty line")
             req = json.loads(line)
             if not isinstance(req, dict) or "adapter" not in req or "text" not in req:
                 raise PredictError('a line is an object with "adapter" and "text" (and optionally "text_pair")')
+            if not isinstance(req["text"], str) or not isinstance(req.get("text_pair", ""), str):
+                raise PredictError('"text" and "text_pair" are strings')
             text = req["text"] if "text_pair" not in req else (req["text"], req["text_pair"])
             predictor.check(text, req["adapter"])
             groups.setdefault(req["adapter"], []).append((i, text))
+        except UnicodeDecodeError:
+            results[i] = {"line": i + 1, "error": "not UTF-8 text"}
         except json.JSONDecodeError as e:
             results[i] = {"line": i + 1, "error": f"not JSON: {e.msg}"}
         except PredictError as e:

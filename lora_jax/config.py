@@ -7,6 +7,7 @@ every run writes the resolved config next to its results.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from .lora import TARGET_PRESETS, LoraConfig, full_finetuning
@@ -89,6 +90,10 @@ class TrainConfig:
     output_dir: str = "runs/latest"
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):  # nan or inf passes no range check below
+                raise ConfigValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
         if self.method not in METHODS:
             raise ConfigValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.batch_size <= 0:
@@ -103,6 +108,12 @@ class TrainConfig:
             raise ConfigValueError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not self.max_grad_norm > 0:  # 0 would zero every update, a negative norm ascend the loss
+            raise ConfigValueError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if self.log_every < 1:
+            raise ConfigValueError(f"--log-every must be >= 1, got {self.log_every}")
+        if not 0 <= self.seed < 2**32:  # jax.random.key takes an unsigned 32-bit seed
+            raise ConfigValueError(f"--seed must be in [0, 2^32), got {self.seed}")
         if self.weight_decay < 0:
             raise ConfigValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.eval_every is not None and self.eval_every <= 0:
@@ -125,6 +136,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+        if self.method != "full" and not self.target_patterns():
+            raise ConfigValueError(f"--targets {self.targets!r} names no pattern: give qv, qkvo, all or regexes")
         self.lora_config()  # raises LoraError on bad rank / alpha / dropout / patterns
         if self.init_adapter is not None and self.method != "lora":
             raise ConfigValueError("--init-adapter needs --method lora")

@@ -15,18 +15,21 @@ from .train import evaluate, make_eval_step
 log = logging.getLogger(__name__)
 
 
-def load_for_eval(adapter_dir: str, *, model: str | None = None, peft: bool = False, num_labels: int | None = None):
+def load_for_eval(adapter_dir: str, *, model: str | None = None, peft: bool = False, num_labels: int | None = None,
+                  force_base: bool = False):
     """(model config, LoRA config, trained leaves, frozen leaves, base id, metadata) for an adapter.
 
-    A base whose architecture hash or shapes disagree with the adapter is an AdapterError.
+    A base whose architecture hash or shapes disagree with the adapter is an AdapterError; so is one
+    of the same architecture with other weights than the adapter was trained on, unless ``force_base``
+    (lora-jax adapters only: peft's record no fingerprint).
     """
     directory = Path(adapter_dir)
     if peft:
-        import json
-
         if not (directory / adapter_lib.PEFT_CONFIG).is_file():
             raise adapter_lib.AdapterError(f"{directory} has no {adapter_lib.PEFT_CONFIG}: not a peft adapter directory")
-        meta = json.loads((directory / adapter_lib.PEFT_CONFIG).read_text())
+        meta = adapter_lib.read_json(directory / adapter_lib.PEFT_CONFIG)
+        if meta.get("format") == adapter_lib.FORMAT:
+            raise adapter_lib.AdapterError(f"{directory} is a lora-jax adapter, not a peft one: drop --peft")
         base = model or meta.get("base_model_name_or_path")
         if not base:
             raise adapter_lib.AdapterError(f"{directory} names no base model: pass --model")
@@ -48,7 +51,8 @@ def load_for_eval(adapter_dir: str, *, model: str | None = None, peft: bool = Fa
                 f"base model {base} (architecture {mcfg.architecture_hash()}) is not the architecture the adapter "
                 f"in {directory} was trained on ({meta['architecture_hash']}, {meta['base_model']})"
             )
-        params, _ = weights.load_params(model_dir, mcfg)
+        params, report = weights.load_params(model_dir, mcfg)
+        adapter_lib.check_base(meta, report.fingerprint, base, f"the adapter in {directory}", force=force_base)
         lcfg = adapter_lib.lora_config(meta)
         adapter_lib.check_fits(trained, params, str(directory))
     frozen = {f"params/{p}": v for p, v in lora.flatten(params).items() if f"params/{p}" not in trained}
@@ -58,14 +62,24 @@ def load_for_eval(adapter_dir: str, *, model: str | None = None, peft: bool = Fa
 
 def evaluate_adapter(adapter_dir: str, *, task: str | None = None, data_dir: str | None = None,
                      dev_file: str | None = None, model: str | None = None, peft: bool = False,
-                     batch_size: int = 32, max_seq_len: int | None = None, max_eval_examples: int | None = None) -> dict:
-    """Metrics per dev split of the adapter's task (or ``task``)."""
+                     batch_size: int = 32, max_seq_len: int | None = None, max_eval_examples: int | None = None,
+                     force_base: bool = False) -> dict:
+    """Metrics per dev split of the adapter's task (or ``task``: for a lora-jax adapter, it must be the
+    adapter's own; a peft adapter names none)."""
     task_name = task
     num_labels = None
     if task_name is not None:
         num_labels = data_lib.get_task(task_name).num_labels
+        trained_on = None if peft else adapter_lib.read_meta(Path(adapter_dir))["task"]
+        if trained_on not in (None, task_name):  # checked before the slow part
+            raise adapter_lib.AdapterError(f"the adapter in {adapter_dir} was trained on {trained_on}, not "
+                                           f"{task_name}: its labels would mean something else")
+    if max_eval_examples is not None and max_eval_examples <= 0:
+        raise data_lib.DataError(f"--max-eval-examples must be > 0, got {max_eval_examples}")
+    if max_seq_len is not None and max_seq_len < 8:  # the rule of training (config.TrainConfig.validate)
+        raise data_lib.DataError(f"--max-seq-len must be >= 8, got {max_seq_len}")
     mcfg, lcfg, trained, frozen, model_dir, meta = load_for_eval(adapter_dir, model=model, peft=peft,
-                                                                  num_labels=num_labels)
+                                                                  num_labels=num_labels, force_base=force_base)
     task_name = task_name or meta.get("task")
     if task_name is None:
         raise data_lib.DataError("the adapter names no task: pass --task")

@@ -240,7 +240,7 @@ class Predictor:
     """
 
     def __init__(self, adapters: dict[str, str], *, model: str | None = None, batch_size: int = 32,
-                 num_buckets: int = 4):
+                 num_buckets: int = 4, force_base: bool = False):
         if not adapters:
             raise PredictError("no adapters given")
         self.batch_size = batch_size
@@ -257,8 +257,9 @@ class Predictor:
         self.base = model or first["base_model"]
         self.model_dir = weights.resolve(self.base)
         base_cfg = weights.read_config(self.model_dir, num_labels=first["model_config"]["num_labels"])
-        self.params, _ = weights.load_params(self.model_dir, base_cfg)
+        self.params, report = weights.load_params(self.model_dir, base_cfg)
         self.base_hash = base_cfg.architecture_hash()
+        self.base_fingerprint, self.force_base = report.fingerprint, force_base
         self.tokenizer = data_lib.load_tokenizer(str(self.model_dir))
         self.adapters: dict[str, LoadedAdapter] = {}
         self._eval: dict[tuple, Callable] = {}
@@ -269,11 +270,14 @@ class Predictor:
                 self.adapters[name] = self._attach(name, meta, trained)
             except (adapter_lib.AdapterError, data_lib.DataError) as e:
                 self.errors[name] = str(e)
+        if not self.adapters:
+            raise PredictError("no adapter could be loaded: " + "; ".join(self.errors.values()))
 
     def _attach(self, name: str, meta: dict, trained: dict) -> LoadedAdapter:
         if meta["architecture_hash"] != self.base_hash:
             raise adapter_lib.AdapterError(
                 f"adapter {name!r} was trained on another base ({meta['base_model']}), not {self.base}")
+        adapter_lib.check_base(meta, self.base_fingerprint, self.base, f"adapter {name!r}", force=self.force_base)
         num_labels = meta["model_config"]["num_labels"]
         mcfg = weights.read_config(self.model_dir, num_labels=num_labels)
         head_free = {p: v for p, v in lora.flatten(self.params).items() if not p.startswith("classifier/")}
@@ -298,13 +302,15 @@ class Predictor:
 
     def check(self, text: Any, adapter: str) -> tuple[list[str], LoadedAdapter]:
         """Validate one input for ``adapter``: a string (single-sentence task) or a pair."""
+        if not isinstance(adapter, str):
+            raise PredictError(f"an adapter is named by a string, got {type(adapter).__name__}")
         if adapter in self.errors:
             raise PredictError(f"adapter {adapter!r} could not be loaded: {self.errors[adapter]}")
         if adapter not in self.adapters:
             raise PredictError(f"unknown adapter {adapter!r}; loaded: {', '.join(self.adapters) or 'none'}")
         ad = self.adapters[adapter]
-        parts = [text] if isinstance(text, str) else list(text)
-        if not all(isinstance(p, str) for p in parts) or not 1 <= len(parts) <= 2:
+        parts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+        if parts is None or not all(isinstance(p, str) for p in parts) or not 1 <= len(parts) <= 2:
             raise PredictError("an input is a string or a pair of strings")
         if any(not p.strip() for p in parts):
             raise PredictError("empty text")

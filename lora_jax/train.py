@@ -16,6 +16,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,20 +30,48 @@ import numpy as np
 import optax
 
 from . import data as data_lib
-from . import adaptive, lora, metrics, parallel, profiling, weights
+from . import adaptive, lora, metrics, parallel, profiling, rundir, weights
 from .config import XLA_CPU_SCHEDULERS, TrainConfig
 from .model import ModelConfig, forward
 from .report import save_figure, write_text
+from .rundir import RunError
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite, or grew past ``LOSS_BOUND`` times its first value."""
 
 
-class RunError(RuntimeError):
-    """A run that cannot start (e.g. an output directory holding another run)."""
+class Interrupted(Exception):
+    """Ctrl-C during training; the message says where the last checkpoint is and how to go on."""
+
+
+class _CtrlCAfterStep:
+    """While training: the first Ctrl-C (SIGINT) is noted and acted on after the current step and its
+    checkpoint, so that it never lands inside an Orbax write (whose threads then print tracebacks at
+    exit); a second one interrupts at once. Outside the main thread, Ctrl-C is left as it is."""
+
+    def __init__(self):
+        self.pressed = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+# A loss this many times its first value (or 1, if that is smaller) has left training for good: a
+# classifier starts near ln(labels), and --lr 1e12 reached 7e11 with every number still finite.
+LOSS_BOUND = 100.0
 
 
 @flax.struct.dataclass
@@ -439,50 +469,12 @@ def _write_json_atomic(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-_RUN_FILES = ("report.json", "metrics.jsonl", "config.json")
-_RUN_DIRS = ("checkpoints", "adapter", "peft_adapter", "adaptive")
-
-
-def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse a directory that already holds a run, unless ``overwrite``."""
-    if path.exists() and not path.is_dir():
-        raise RunError(f"--output-dir {path} exists and is not a directory")
-    held = [m for m in _RUN_FILES + _RUN_DIRS if (path / m).exists()]
-    if held and not overwrite:
-        raise RunError(f"--output-dir {path} already holds a run ({', '.join(held)}); pass --overwrite or choose another")
-
-
-def prepare_output_dir(path: Path, overwrite: bool) -> None:
-    """Create the directory; with ``overwrite``, remove the previous run's files first."""
-    import shutil
-
-    check_output_dir(path, overwrite)
-    path.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for m in _RUN_FILES:
-            (path / m).unlink(missing_ok=True)
-        for d in _RUN_DIRS:
-            shutil.rmtree(path / d, ignore_errors=True)
-
-
 def _check_resumable(out: Path, cfg: TrainConfig) -> None:
-    saved_file = out / "config.json"
-    if not saved_file.is_file():
-        raise RunError(f"--resume: {out} holds no run to resume (no config.json)")
     # A field the run's config lacks (written by an older lora-jax) had its default value then.
-    saved = {**TrainConfig().to_dict(), **json.loads(saved_file.read_text())}
-    now = cfg.to_dict()
-    diffs = [f"{k} (run: {saved.get(k)!r}, now: {v!r})" for k, v in now.items() if saved.get(k) != v]
+    saved = {**TrainConfig().to_dict(), **rundir.saved_config(out)}
+    diffs = [f"{k} (run: {saved.get(k)!r}, now: {v!r})" for k, v in cfg.to_dict().items() if saved.get(k) != v]
     if diffs:
         raise RunError(f"--resume: flags differ from the run in {out}: " + "; ".join(diffs))
-
-
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep the log lines up to ``last_step`` (a killed run may have logged past its last checkpoint)."""
-    if not path.exists():
-        return
-    kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= last_step]
-    write_text(path, "".join(l + "\n" for l in kept))
 
 
 def _adaptive_outputs(out: Path, ada: adaptive.AdaLoraConfig, ranks: dict[str, int]) -> dict:
@@ -564,10 +556,10 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     if resume:
         _check_resumable(out, cfg)
     else:
-        check_output_dir(out, overwrite)  # fail before the slow part; create nothing yet
+        rundir.check_output_dir(out, overwrite)  # fail before the slow part; create nothing yet
     s = setup(cfg)
     if not resume and main:
-        prepare_output_dir(out, overwrite)
+        rundir.prepare_output_dir(out, overwrite)
         _write_json_atomic(out / "config.json", cfg.to_dict())
     parallel.barrier("lora_jax.output_dir")
     n_steps = total_steps(s)
@@ -598,10 +590,11 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
         step, history, best = int(meta["step"]), meta["history"], meta["best"]
         log.info("resumed from step %d of %d", step, n_steps)
         if main:
-            _truncate_jsonl(out / "metrics.jsonl", step)
+            rundir.truncate_log(out / "metrics.jsonl", step)
     meta_base = {
         "base_model": cfg.model,
         "architecture_hash": s.mcfg.architecture_hash(),
+        "base_fingerprint": s.load_report.fingerprint,
         "lora": dataclasses.asdict(s.lcfg),
         "task": cfg.task,
         "label_names": list(s.task.label_names),
@@ -618,6 +611,9 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     bar = tqdm(total=n_steps, initial=step, desc=f"{cfg.task} {cfg.method}", disable=not (progress and main),
                unit="step")
     primary_split = s.task.dev_splits[0]
+    first_loss = None
+    saved_step = step if resume else None
+    ctrl_c = _CtrlCAfterStep()
     try:
         while step < n_steps:
             epoch, offset = divmod(step, spe)
@@ -643,6 +639,12 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
                 if not math.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss became {loss} at step {step}; try a lower --lr (now {cfg.lr})"
+                    )
+                first_loss = loss if first_loss is None else first_loss
+                if loss > LOSS_BOUND * max(first_loss, 1.0):
+                    raise TrainingDiverged(
+                        f"loss {loss:.3g} at step {step} is over {LOSS_BOUND:g}x this run's first "
+                        f"({first_loss:.3g}); try a lower --lr (now {cfg.lr})"
                     )
                 if step % cfg.log_every == 0 or step == n_steps:
                     rec = {"step": step, "epoch": epoch, "loss": loss,
@@ -670,7 +672,16 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
                 if step % save_every == 0 or step == n_steps:
                     checkpoint.save(mngr, step, state, {**meta_base, "history": history, "best": best,
                                                         "epoch": step // spe, "batch_in_epoch": step % spe})
+                    saved_step = step
+                if ctrl_c.pressed:
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        where = (f"the last checkpoint is step {saved_step} in {out / 'checkpoints'}: the same command with "
+                 "--resume (instead of --overwrite) continues from it" if saved_step is not None else
+                 "no checkpoint was saved yet: run the command again")
+        raise Interrupted(f"stopped at step {step} of {n_steps}; {where}") from None
     finally:
+        ctrl_c.restore()
         bar.close()
         metrics_file.close()
         mngr.close()
@@ -689,7 +700,8 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
         adapter_bytes = adapter_lib.export(out / "adapter", trained, mcfg=s.mcfg, lcfg=export_lcfg,
                                            base_model=cfg.model,
                                            task=cfg.task, label_names=s.task.label_names,
-                                           max_seq_len=cfg.max_seq_len)
+                                           max_seq_len=cfg.max_seq_len,
+                                           base_fingerprint=s.load_report.fingerprint)
     if main and export_lcfg.targets:
         peft_bytes = adapter_lib.export_peft(out / "peft_adapter", trained, mcfg=s.mcfg, lcfg=export_lcfg,
                                              base_model=cfg.model)

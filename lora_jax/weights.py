@@ -12,6 +12,7 @@ all disagreements are collected and raised together.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ class LoadReport:
     source: str
     missing: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
+    fingerprint: str = ""  # of the tensors read from the checkpoint (see ``fingerprint``)
 
     def summary(self) -> str:
         lines = [f"loaded {self.source}"]
@@ -180,6 +182,23 @@ def host_device() -> jax.Device:
     return jax.local_devices(backend="cpu")[0]
 
 
+def fingerprint(tensors: dict[str, np.ndarray]) -> str:
+    """A short hash that tells one checkpoint's weights from another's of the same architecture.
+
+    It covers the first 64 values of every tensor, rounded to bfloat16 first, so that a bfloat16 copy of
+    a base (``--param-dtype bfloat16``) has the fingerprint of its float32 original. Adapters record it
+    and refuse another base (``--force-base`` overrides).
+    """
+    h = hashlib.blake2b(digest_size=8)
+    for path in sorted(tensors):
+        head = np.asarray(np.ravel(tensors[path])[:64])
+        if np.issubdtype(head.dtype, np.floating) or head.dtype == jnp.bfloat16:
+            head = head.astype(np.float32).astype(jnp.bfloat16)
+        h.update(path.encode())
+        h.update(head.tobytes())
+    return h.hexdigest()
+
+
 def load_params(
     directory: Path, cfg: ModelConfig, *, key: jax.Array | None = None, param_dtype: str = "float32"
 ) -> tuple[dict, LoadReport]:
@@ -228,6 +247,7 @@ def load_params(
             fresh = lora.flatten(init_params(cfg, key))
         flat.update({p: np.asarray(fresh[p]) for p in report.missing})
     flat.update({p: np.asarray(v) for p, v in loaded.items()})
+    report.fingerprint = fingerprint({p: flat[p] for p in loaded})
     dtype = DTYPES[param_dtype]
     flat = {p: jnp.asarray(flat[p].astype(dtype) if jnp.issubdtype(flat[p].dtype, jnp.floating) else flat[p])
             for p in expected}

@@ -168,7 +168,12 @@ def main() -> int:
     run_args = {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite", "resume", "no_progress",
                                                                   "save_every")}
     if args.resume:
-        saved_args = json.loads((out / "checkpoint.json").read_text())["args"]
+        try:
+            saved_args = json.loads((out / "checkpoint.json").read_text())["args"]
+        except (ValueError, KeyError, TypeError) as e:
+            print(f"error: --resume: {out / 'checkpoint.json'} is damaged ({type(e).__name__}); start the run "
+                  "again with --overwrite", file=sys.stderr)
+            return 2
         if saved_args != run_args:
             diff = sorted(k for k in run_args if saved_args.get(k) != run_args[k])
             print(f"error: --resume: {ckpt_file} was written with other settings ({', '.join(diff)})",
@@ -243,7 +248,14 @@ def main() -> int:
     log = []
     resumed = False
     if args.resume:
-        ckpt = torch.load(ckpt_file, weights_only=False, map_location=dev_type)
+        # weights_only: tensors, numbers, strings and containers, never pickled code (a copied run
+        # directory cannot run anything); the RNG states are byte tensors.
+        try:
+            ckpt = torch.load(ckpt_file, weights_only=True, map_location=dev_type)
+        except Exception as e:  # noqa: BLE001 - any failure to read it is the same one line
+            print(f"error: --resume: {ckpt_file} is unreadable or holds more than weights "
+                  f"({type(e).__name__}); start the run again with --overwrite", file=sys.stderr)
+            return 2
         named = dict(trainable)
         with torch.no_grad():
             for name, value in ckpt["trainable"].items():

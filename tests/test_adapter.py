@@ -177,4 +177,7 @@ def test_adapter_bad_input(tiny_runs, glue_dir, tmp_path, capsys):
     t[key.replace("layer/0", "layer/7")] = t.pop(key)
     save_file(t, str(bad / "adapter.safetensors"))
     fails(["--adapter", str(bad)], "layer/7/attention/self/query/kernel is not in the base model")
-    fails(["--adapter", str(good), "--task", "stsb"], "task stsb has 1 labels but the adapter's head has 2")
+    # Another task: ours know their own; a peft adapter does not, and its head must fit the task.
+    fails(["--adapter", str(good), "--task", "stsb"], "was trained on rte, not stsb")
+    fails(["--adapter", str(tiny_runs['rte'] / "peft_adapter"), "--peft", "--task", "stsb"],
+          "classifier/bias: adapter (2,) vs base (1,)")
