@@ -28,7 +28,7 @@ def _cmd(model: Path, glue: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "scripts" / "train.py"), "--task", "rte", "--preset", "tiny",
             "--model", str(model), "--data-dir", str(glue), "--output-dir", str(out), "--no-progress",
             "--lora-dropout", "0.1", "--lora-forward", "factored", "--max-steps", "6", "--eval-every", "3",
-            *extra]
+            "--num-buckets", "0", *extra]
 
 
 def _env(devices: int) -> dict:
