@@ -135,14 +135,16 @@ def read_meta(directory: Path) -> dict:
     return meta
 
 
-def check_base(meta: dict, fingerprint: str, base: str, where: str, *, force: bool = False) -> None:
+def check_base(meta: dict, fingerprint: str, base: str, where: str, *, force: bool = False,
+               force_flag: str | None = "--force-base") -> None:
     """Refuse a base whose weights are not the ones the adapter was trained on (same architecture, other
-    checkpoint: the numbers would be wrong without any error). ``force`` lets it through; adapters
-    written before fingerprints (no ``base_fingerprint``) are not checked."""
+    checkpoint: the numbers would be wrong without any error). ``force`` (the command's ``force_flag``)
+    lets it through; adapters written before fingerprints (no ``base_fingerprint``) are not checked."""
     want = meta.get("base_fingerprint")
     if want and fingerprint != want and not force:
+        hint = f"; pass {force_flag} to use it anyway" if force_flag else ""
         raise AdapterError(f"{where} was trained on other base weights ({meta.get('base_model')}, fingerprint "
-                           f"{want}) than {base} ({fingerprint}); pass --force-base to use it anyway")
+                           f"{want}) than {base} ({fingerprint}){hint}")
 
 
 def lora_config(meta: dict, where: Path | str = "the adapter") -> lora.LoraConfig:

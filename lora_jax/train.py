@@ -300,11 +300,12 @@ def split_for_training(params: dict, lcfg: lora.LoraConfig, key: jax.Array, *, s
     return trainable, frozen, {p: flat_labels[p] for p in trainable}, lora.count(tree, label_tree)
 
 
-def warm_start(trainable: dict, adapter_dir: str, mcfg: ModelConfig, lcfg: lora.LoraConfig) -> dict:
+def warm_start(trainable: dict, adapter_dir: str, mcfg: ModelConfig, lcfg: lora.LoraConfig,
+               base_fingerprint: str = "") -> dict:
     """``trainable`` with its LoRA factors replaced by those of a saved adapter (the head is kept fresh).
 
-    Raises AdapterError if the adapter was trained on another architecture or
-    its factors do not match this run's targets and rank.
+    Raises AdapterError if the adapter was trained on another architecture or other base weights
+    (``base_fingerprint``: this run's), or its factors do not match this run's targets and rank.
     """
     from . import adapter as adapter_lib
 
@@ -312,6 +313,9 @@ def warm_start(trainable: dict, adapter_dir: str, mcfg: ModelConfig, lcfg: lora.
     if meta.get("architecture_hash") != mcfg.architecture_hash():
         raise adapter_lib.AdapterError(f"--init-adapter {adapter_dir} was trained on another architecture "
                                        f"({meta.get('base_model')})")
+    if base_fingerprint:
+        adapter_lib.check_base(meta, base_fingerprint, "this run's --model", f"--init-adapter {adapter_dir}",
+                               force_flag=None)
     if not math.isclose(adapter_lib.lora_config(meta).scale, lcfg.scale):
         raise adapter_lib.AdapterError(f"--init-adapter {adapter_dir} has LoRA scale "
                                        f"{adapter_lib.lora_config(meta).scale:g}, this run {lcfg.scale:g}: "
@@ -397,7 +401,7 @@ def setup(cfg: TrainConfig) -> Setup:
     log.info(report.summary())
     lcfg = cfg.lora_config()
     if cfg.init_adapter:
-        trainable = warm_start(trainable, cfg.init_adapter, mcfg, lcfg)
+        trainable = warm_start(trainable, cfg.init_adapter, mcfg, lcfg, report.fingerprint)
 
     tokenizer = data_lib.load_tokenizer(str(model_dir))
     train = data_lib.encode(tokenizer, train_ex, cfg.max_seq_len)

@@ -100,9 +100,13 @@ def read_config(directory: Path, **overrides) -> ModelConfig:
     if not file.is_file():
         raise WeightsError(f"{directory} has no config.json")
     try:
-        hf = json.loads(file.read_text())
+        hf = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise WeightsError(f"{file} is not valid JSON: {e}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise WeightsError(f"cannot read {file} ({type(e).__name__})") from None
+    if not isinstance(hf, dict):
+        raise WeightsError(f"{file} holds {type(hf).__name__}, not a model config object")
     try:
         return ModelConfig.from_hf(hf, **overrides)
     except (ConfigError, TypeError) as e:

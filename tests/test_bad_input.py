@@ -112,6 +112,27 @@ def test_train_file_that_is_not_utf8(tiny_bert_dir, glue_dir, tmp_path, capsys):
     assert "train.tsv is not UTF-8 text" in one_line(capsys)
 
 
+@pytest.mark.parametrize("config, match", [
+    (b'{"model_type": "bert", ', "config.json is not valid JSON"),
+    (b'{"model_type": "b\xe9rt"}', "cannot read"),  # not UTF-8
+    (b'["bert"]', "not a model config object"),
+])
+def test_damaged_model_config(config, match, tiny_bert_dir, glue_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, model)
+    (model / "config.json").write_bytes(config)
+    assert train_main(train_args(model, glue_dir, tmp_path / "r")) == 2
+    assert match in one_line(capsys)
+
+
+def test_warm_start_from_an_adapter_of_other_base_weights(tiny_runs, glue_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    write_tiny_checkpoint(other, "bert", seed=1)
+    assert train_main(train_args(other, glue_dir, tmp_path / "r", "--init-adapter",
+                                 str(tiny_runs["rte"] / "adapter"))) == 2
+    assert "was trained on other base weights" in one_line(capsys)
+
+
 # ----------------------------------------------------------------------------- train: resume
 
 
