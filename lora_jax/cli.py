@@ -307,15 +307,13 @@ def predict_main(argv: list[str] | None = None) -> int:
 
 def check_writable_file(path: Path, flag: str) -> None:
     """Fail now, not after the work, if ``path`` cannot be written: its directory must exist and take a
-    new file (a probe, removed at once); an existing directory at ``path`` is refused too."""
-    import tempfile
+    new file (``report.check_writable``); an existing directory at ``path`` is refused too."""
+    from .report import check_writable
 
     if path.is_dir():
         raise ConfigValueError(f"{flag} {path} is a directory")
     try:
-        fd, probe = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=".write-check-")
-        os.close(fd)
-        os.unlink(probe)
+        check_writable(path.parent)
     except OSError as e:
         raise ConfigValueError(f"cannot write {flag} {path}: {e.strerror or e}") from None
 

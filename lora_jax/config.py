@@ -16,6 +16,7 @@ METHODS = ("lora", "full", "adalora")
 # --xla-scheduler -> XLA:CPU's scheduler type: its default or its memory-optimised one (train.compiler_options).
 XLA_CPU_SCHEDULERS = {"default": "CPU_SCHEDULER_TYPE_DEFAULT", "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 XLA_SCHEDULERS = tuple(XLA_CPU_SCHEDULERS)
+MIN_SEQ_LEN = 8  # the shortest --max-seq-len that training and evaluation take
 
 
 class ConfigValueError(ValueError):
@@ -98,8 +99,8 @@ class TrainConfig:
             raise ConfigValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.batch_size <= 0:
             raise ConfigValueError(f"--batch-size must be > 0, got {self.batch_size}")
-        if self.max_seq_len < 8:
-            raise ConfigValueError(f"--max-seq-len must be >= 8, got {self.max_seq_len}")
+        if self.max_seq_len < MIN_SEQ_LEN:
+            raise ConfigValueError(f"--max-seq-len must be >= {MIN_SEQ_LEN}, got {self.max_seq_len}")
         if self.epochs <= 0:
             raise ConfigValueError(f"--epochs must be > 0, got {self.epochs}")
         if self.max_steps is not None and self.max_steps <= 0:

@@ -106,6 +106,17 @@ class Examples:
 # ----------------------------------------------------------------------------- reading
 
 
+def _text_lines(file: Path):
+    """The lines of a UTF-8 text file; one that cannot be read, or is not UTF-8, is a DataError."""
+    try:
+        with open(file, encoding="utf-8-sig", newline="") as f:
+            yield from f
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file} is not UTF-8 text (it holds the byte 0x{e.object[e.start]:02x})") from None
+    except OSError as e:
+        raise DataError(f"cannot read {file}: {e.strerror or e}") from None
+
+
 def read_tsv(task: Task, file: Path) -> Examples:
     """One GLUE TSV file. Errors name the file and line."""
     if not file.is_file():
@@ -114,49 +125,43 @@ def read_tsv(task: Task, file: Path) -> Examples:
     texts: tuple[list[str], ...] = tuple([] for _ in task.text_columns)
     labels = []
     label_index = {s: i for i, s in enumerate(task.tsv_labels)}
-    try:
-        with open(file, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            if task.header:
-                header = next(reader, None)
-                if header is None:
-                    raise DataError(f"{file} is empty")
-                missing = [c for c in (*task.text_columns, task.label_column) if c not in header]
-                if missing:
-                    raise DataError(f"{file}: header lacks column(s) {', '.join(map(repr, missing))}")
-                cols = [header.index(c) for c in task.text_columns]
-                label_col = header.index(task.label_column)
-                width = len(header)
-            else:
-                cols = [int(c) for c in task.text_columns]
-                label_col = int(task.label_column)
-                width = None
-            for row in reader:
-                line = reader.line_num
-                if not row:
-                    continue
-                if width is None:
-                    width = len(row)
-                if len(row) != width:
-                    raise DataError(f"{file}:{line}: {len(row)} columns, expected {width}")
-                raw = row[label_col]
-                if task.is_regression:
-                    try:
-                        labels.append(float(raw))
-                    except ValueError:
-                        raise DataError(f"{file}:{line}: label {raw!r} is not a number") from None
-                else:
-                    if raw not in label_index:
-                        raise DataError(
-                            f"{file}:{line}: label {raw!r} is not one of {', '.join(task.tsv_labels)}"
-                        )
-                    labels.append(label_index[raw])
-                for out, c in zip(texts, cols):
-                    out.append(row[c])
-    except UnicodeDecodeError as e:
-        raise DataError(f"{file} is not UTF-8 text (it holds the byte 0x{e.object[e.start]:02x}, which UTF-8 does not allow there)") from None
-    except OSError as e:
-        raise DataError(f"cannot read {file}: {e.strerror or e}") from None
+    reader = csv.reader(_text_lines(file), delimiter="\t", quoting=csv.QUOTE_NONE)
+    if task.header:
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{file} is empty")
+        missing = [c for c in (*task.text_columns, task.label_column) if c not in header]
+        if missing:
+            raise DataError(f"{file}: header lacks column(s) {', '.join(map(repr, missing))}")
+        cols = [header.index(c) for c in task.text_columns]
+        label_col = header.index(task.label_column)
+        width = len(header)
+    else:
+        cols = [int(c) for c in task.text_columns]
+        label_col = int(task.label_column)
+        width = None
+    for row in reader:
+        line = reader.line_num
+        if not row:
+            continue
+        if width is None:
+            width = len(row)
+        if len(row) != width:
+            raise DataError(f"{file}:{line}: {len(row)} columns, expected {width}")
+        raw = row[label_col]
+        if task.is_regression:
+            try:
+                labels.append(float(raw))
+            except ValueError:
+                raise DataError(f"{file}:{line}: label {raw!r} is not a number") from None
+        else:
+            if raw not in label_index:
+                raise DataError(
+                    f"{file}:{line}: label {raw!r} is not one of {', '.join(task.tsv_labels)}"
+                )
+            labels.append(label_index[raw])
+        for out, c in zip(texts, cols):
+            out.append(row[c])
     if not labels:
         raise DataError(f"{file} holds no examples")
     dtype = np.float32 if task.is_regression else np.int64

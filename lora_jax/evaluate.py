@@ -10,6 +10,7 @@ import numpy as np
 from . import adapter as adapter_lib
 from . import data as data_lib
 from . import lora, weights
+from .config import MIN_SEQ_LEN
 from .train import evaluate, make_eval_step
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,8 @@ def evaluate_adapter(adapter_dir: str, *, task: str | None = None, data_dir: str
                                            f"{task_name}: its labels would mean something else")
     if max_eval_examples is not None and max_eval_examples <= 0:
         raise data_lib.DataError(f"--max-eval-examples must be > 0, got {max_eval_examples}")
-    if max_seq_len is not None and max_seq_len < 8:  # the rule of training (config.TrainConfig.validate)
-        raise data_lib.DataError(f"--max-seq-len must be >= 8, got {max_seq_len}")
+    if max_seq_len is not None and max_seq_len < MIN_SEQ_LEN:
+        raise data_lib.DataError(f"--max-seq-len must be >= {MIN_SEQ_LEN}, got {max_seq_len}")
     mcfg, lcfg, trained, frozen, model_dir, meta = load_for_eval(adapter_dir, model=model, peft=peft,
                                                                   num_labels=num_labels, force_base=force_base)
     task_name = task_name or meta.get("task")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -12,6 +13,14 @@ def write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def check_writable(directory: Path) -> None:
+    """Create and remove a file in ``directory``: proof, before any work, that outputs can land there.
+    Raises OSError (missing directory, no permission, read-only mount, /proc)."""
+    fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-check-")
+    os.close(fd)
+    os.unlink(probe)
 
 
 def save_figure(fig, path: Path, dpi: int = 110) -> None:

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from .report import write_text
+from .report import check_writable, write_text
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +26,23 @@ class RunError(RuntimeError):
     """A run that cannot start (e.g. an output directory holding another run)."""
 
 
-def _is_run_config(file: Path) -> bool:
-    """A ``config.json`` that a lora-jax run wrote (a model's has ``model_type`` instead)."""
-    try:
-        saved = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
+def _is_run_config(saved) -> bool:
+    """A parsed ``config.json`` that a lora-jax run wrote (a model's has ``model_type`` instead)."""
     return isinstance(saved, dict) and {"task", "method", "output_dir"} <= saved.keys() and "model_type" not in saved
+
+
+def _read_json(file: Path):
+    return json.loads(file.read_text(encoding="utf-8"))
 
 
 def is_run_dir(path: Path) -> bool:
     """Whether ``path`` is a directory that a lora-jax run created."""
-    return (path / MARKER).is_file() or _is_run_config(path / "config.json")
+    if (path / MARKER).is_file():
+        return True
+    try:
+        return _is_run_config(_read_json(path / "config.json"))
+    except (OSError, ValueError):
+        return False
 
 
 def _check_writable(path: Path) -> None:
@@ -55,9 +58,7 @@ def _check_writable(path: Path) -> None:
     try:
         for d in reversed(created):
             d.mkdir()
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=".write-check-")
-        os.close(fd)
-        os.unlink(tmp)
+        check_writable(path)
     except OSError as e:
         raise RunError(f"--output-dir {path}: cannot write there ({e.strerror or e})") from None
     finally:
@@ -103,11 +104,11 @@ def saved_config(out: Path) -> dict:
     if not file.is_file():
         raise RunError(f"--resume: {out} holds no run to resume (no config.json)")
     try:
-        saved = json.loads(file.read_text(encoding="utf-8"))
+        saved = _read_json(file)
     except (OSError, ValueError) as e:
         raise RunError(f"--resume: {file} is unreadable ({type(e).__name__}); start the run again with "
                        "--overwrite") from None
-    if not isinstance(saved, dict) or not _is_run_config(file):
+    if not _is_run_config(saved):
         raise RunError(f"--resume: {file} is not a lora-jax run config")
     return saved
 

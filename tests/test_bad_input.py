@@ -205,9 +205,7 @@ def test_resume_past_a_damaged_step_and_a_cut_log_line(tiny_bert_dir, glue_dir, 
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     run = tmp_path / "run"
-    shutil.copytree(tmp_path / "ref", run)
-    config = json.loads((run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({**config, "output_dir": str(run)}))
+    copy_run(tmp_path / "ref", run)
     (run / "report.json").unlink()
     for f in (run / "checkpoints" / "4" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 256:
