@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .config import METHODS, XLA_SCHEDULERS, ConfigValueError, TrainConfig, preset
+from .data import BATCHINGS
 from .report import write_text
 
 # Errors that are the user's input, not our bug: one line, no traceback.
@@ -108,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
       "training batch to --max-seq-len, one static shape). More buckets pad less and compile one step each "
       "(SST-2, MiniLM: 8 buckets 16%% padding, 40 s compiling; 32 buckets 5%%, about 170 s, or 34 s from "
       "--compile-cache)")
+    a("--batching", choices=BATCHINGS,
+      help="packed (default): random batches, each packed end to end into few rows (block-diagonal attention); "
+           "random: the same batches, one example per row; by-length: batches of similar lengths, which are "
+           "biased samples where length goes with the label (the behaviour before packing)")
+    a("--group-by-length", dest="batching", action="store_const", const="by-length",
+      help="the same as --batching by-length")
+    a("--loraplus-lr-ratio", type=float,
+      help="LoRA+: B's learning rate is this many times --lr, A's is --lr (default 1: plain LoRA; the paper uses 16)")
+    a("--head-only-steps", type=int,
+      help="train the head alone for the first N steps (the adapters' learning rate is 0), then both: linear "
+           "probing, then fine-tuning (default 0)")
     a("--max-train-examples", type=int, help="use only the first N training examples")
     a("--max-eval-examples", type=int, help="use only the first N dev examples")
     a("--param-dtype", choices=("float32", "bfloat16"), help="dtype of the frozen base (default float32)")

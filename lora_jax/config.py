@@ -10,6 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .data import BATCHINGS
 from .lora import TARGET_PRESETS, LoraConfig, full_finetuning
 
 METHODS = ("lora", "full", "adalora")
@@ -68,9 +69,17 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
+    # LoRA+ (Hayou et al., 2024): B's learning rate is this many times A's (1: plain LoRA).
+    loraplus_lr_ratio: float = 1.0
+    # Linear probing, then fine-tuning: the adapters' learning rate is 0 for this many first steps
+    # while the head trains alone; their warm-up and decay then run over the remaining steps.
+    head_only_steps: int = 0
     # data
     max_seq_len: int = 128
-    num_buckets: int = 8
+    num_buckets: int = 8  # length buckets of unpacked rows; row-count buckets of packed batches
+    # "packed": random batches, each packed into few rows (packing.py); "random": the same batches, one
+    # example per row; "by-length": length-grouped batches (--group-by-length, the behaviour before packing).
+    batching: str = "packed"
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     # numerics and memory
@@ -123,6 +132,20 @@ class TrainConfig:
             raise ConfigValueError(f"--save-every must be > 0, got {self.save_every}")
         if self.keep_checkpoints < 1:
             raise ConfigValueError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.batching not in BATCHINGS:
+            raise ConfigValueError(f"--batching must be one of {', '.join(BATCHINGS)}, got {self.batching!r}")
+        if not self.loraplus_lr_ratio > 0:
+            raise ConfigValueError(f"--loraplus-lr-ratio must be > 0, got {self.loraplus_lr_ratio}")
+        if self.loraplus_lr_ratio != 1 and self.method != "lora":
+            raise ConfigValueError("--loraplus-lr-ratio needs --method lora (it sets B's learning rate)")
+        if self.head_only_steps < 0:
+            raise ConfigValueError(f"--head-only-steps must be >= 0, got {self.head_only_steps}")
+        if self.head_only_steps and self.method == "full":
+            raise ConfigValueError("--head-only-steps needs --method lora or adalora (full fine-tuning has "
+                                   "no adapters to hold back)")
+        if self.max_steps is not None and self.head_only_steps >= self.max_steps:
+            raise ConfigValueError(f"--head-only-steps {self.head_only_steps} leaves none of --max-steps "
+                                   f"{self.max_steps} to train the adapters")
         if self.num_buckets < 0:
             raise ConfigValueError(f"--num-buckets must be >= 0 (0: pad every batch to --max-seq-len), "
                                    f"got {self.num_buckets}")
@@ -193,6 +216,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Fields whose default changed: a run's config.json that lacks one was made with this value.
+LEGACY_VALUES = {"batching": "by-length"}
 
 
 # The LoRA paper's RoBERTa-base hyperparameters (Hu et al., 2021, Table 9).

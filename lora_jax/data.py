@@ -304,9 +304,9 @@ def fit_buckets(lengths: np.ndarray, num_buckets: int) -> tuple[int, ...]:
     Each step is one (distinct, distinct) array: milliseconds at 512 distinct lengths.
 
     Batches are padded to their longest example (``collate``), so they pad a
-    little more than this counts; ``train_order``'s length-sorted batches keep
-    the difference small (SST-2, batch 32, 16 buckets: 8.9% of the slots are padding,
-    ``results/epoch/padding-by-buckets.md``).
+    little more than this counts; ``train_order``'s length-sorted batches
+    ("by-length") keep the difference small (SST-2, batch 32, 16 buckets: 8.9% of
+    the slots are padding, ``results/epoch/padding-by-buckets.md``).
     """
     values, counts = np.unique(np.asarray(lengths, np.int64), return_counts=True)
     if len(values) <= num_buckets:
@@ -338,24 +338,33 @@ def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
     return buckets[-1]
 
 
-def train_order(lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int, group: int = 64) -> list[np.ndarray]:
+BATCHINGS = ("packed", "random", "by-length")
+
+
+def train_order(lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int, batching: str = "random",
+                group: int = 64) -> list[np.ndarray]:
     """Batches of indices for one epoch; a pure function of (seed, epoch).
 
-    Shuffle, then sort by length inside windows of ``group`` batches, so each
-    batch holds similar lengths (less padding) while the order stays random.
-    The last ``len % batch_size`` examples of the shuffle are dropped (they
-    change every epoch).
+    "random" (and "packed", which packs the same batches): a shuffle cut into batches, so a batch's
+    composition does not depend on length. "by-length": after the shuffle, sort by length inside
+    windows of ``group`` batches, so each batch holds similar lengths (less padding) while the batch
+    order stays random; where length goes with the label such a batch is a biased sample
+    (Hugging Face's ``group_by_length``). The last ``len % batch_size`` examples of the shuffle are
+    dropped (they change every epoch).
     """
     n = len(lengths)
     if n < batch_size:
         raise DataError(f"{n} training examples are fewer than one batch of {batch_size}")
+    if batching not in BATCHINGS:
+        raise ValueError(f"unknown batching {batching!r}; choose from {', '.join(BATCHINGS)}")
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(n)[: n - n % batch_size]
-    window = group * batch_size
+    window = (group if batching == "by-length" else 1) * batch_size
     batches = []
     for start in range(0, len(perm), window):
         chunk = perm[start : start + window]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        if batching == "by-length":
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     order = rng.permutation(len(batches))
     return [batches[i] for i in order]

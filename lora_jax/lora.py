@@ -48,6 +48,7 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
 }
 
 LORA, TRAINABLE, FROZEN = "lora", "trainable", "frozen"
+LORA_A, LORA_B = "lora_a", "lora_b"  # factor_labels: the adapters' label split by factor (LoRA+)
 
 
 class LoraError(ValueError):
@@ -315,6 +316,17 @@ def labels(tree: dict, cfg: LoraConfig) -> dict:
     if "lora" in tree:
         out["lora"] = jax.tree_util.tree_map(lambda _: LORA, tree["lora"])
     return out
+
+
+def factor_labels(label_of: dict[str, str]) -> dict[str, str]:
+    """Flat labels with each LoRA leaf's "lora" split into "lora_a" and "lora_b" by its factor (the
+    path's last part), so an optimizer can treat B apart from A (LoRA+). Other labels are kept."""
+    def split(path: str, label: str) -> str:
+        if label != LORA:
+            return label
+        return {"a": LORA_A, "b": LORA_B}.get(path.rpartition("/")[2], label)
+
+    return {p: split(p, label) for p, label in label_of.items()}
 
 
 def partition(tree: dict, label_tree: dict) -> tuple[dict[str, Any], dict[str, Any]]:

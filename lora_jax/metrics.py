@@ -35,3 +35,35 @@ def compute(names: tuple[str, ...], predictions: np.ndarray, labels: np.ndarray)
 def predictions_from_logits(logits: np.ndarray, regression: bool) -> np.ndarray:
     """(N, C) logits -> (N,) class indices, or (N, 1) -> (N,) scores for regression."""
     return logits[:, 0] if regression else logits.argmax(-1)
+
+
+# A run "ends trivial" when its predictions ignore the input: one class for at least this share of
+# the dev examples, or (regression) a prediction spread below this share of the labels' spread.
+TRIVIAL_CLASS_SHARE = 0.95
+TRIVIAL_STD_RATIO = 0.1
+
+
+def spread(predictions: np.ndarray, labels: np.ndarray, regression: bool) -> dict[str, float]:
+    """How much the predictions vary: ``{"majority_share"}``, the share of the most common predicted
+    class, or for regression ``{"std_ratio"}``, std(predictions) / std(labels)."""
+    predictions = np.asarray(predictions)
+    if regression:
+        std = float(np.std(labels))
+        return {"std_ratio": float(np.std(predictions)) / std if std > 0 else 0.0}
+    return {"majority_share": float(np.bincount(predictions.astype(np.int64)).max() / max(len(predictions), 1))}
+
+
+def is_trivial(values: dict[str, float]) -> bool:
+    """Whether ``values`` (with ``spread``'s entry) are those of the trivial solution."""
+    if "majority_share" in values:
+        return values["majority_share"] >= TRIVIAL_CLASS_SHARE
+    return "std_ratio" in values and values["std_ratio"] < TRIVIAL_STD_RATIO
+
+
+def trivial_warning(split: str, values: dict[str, float]) -> str:
+    """One line saying that a run ended at the trivial solution and what to try."""
+    what = (f"{values['majority_share']:.0%} of its {split} predictions are one class"
+            if "majority_share" in values else
+            f"its {split} predictions vary {values['std_ratio']:.2f}x as much as the labels")
+    return (f"warning: the run ended at the trivial solution ({what}); try more steps (--epochs), "
+            "a higher --lr, --targets all, or another --seed")

@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
 from functools import partial
@@ -239,9 +239,15 @@ class Embeddings(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, input_ids, token_type_ids, attention_mask, *, deterministic):
+    def __call__(self, input_ids, token_type_ids, attention_mask, position_ids=None, *, deterministic):
+        """``position_ids`` (B, T), 0 at each example's first token: given for packed rows, where positions
+        restart at every example; by default they count from each row's start."""
         cfg = self.cfg
-        if cfg.model_type == "roberta":
+        if position_ids is not None:
+            real = attention_mask > 0
+            position_ids = (jnp.where(real, position_ids + cfg.pad_token_id + 1, cfg.pad_token_id)
+                            if cfg.model_type == "roberta" else position_ids)
+        elif cfg.model_type == "roberta":
             # fairseq convention: positions count real tokens from pad_token_id + 1; pads sit at pad_token_id.
             not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
             position_ids = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
@@ -261,15 +267,21 @@ class SelfAttention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, bias, *, deterministic, first_only=False):
-        """x: (B, T, H); bias: (B, 1, 1, T) additive mask, 0 for tokens and a large negative for pads.
-        Returns (B, T, H), or (B, 1, H) with ``first_only``: the first token's query alone."""
+    def __call__(self, x, mask, *, deterministic, first_only=False):
+        """x: (B, T, H); mask: an ``AttentionMask``. Returns (B, T, H), or with ``first_only`` the
+        query rows alone (``first_tokens``): (B, 1, H), or (E, 1, H) for E packed examples."""
         cfg = self.cfg
         n, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
         split = lambda t: t.reshape(*t.shape[:2], n, d)
-        q = split(checkpoint_name(Dense(cfg.hidden_size, cfg, name="query")(x[:, :1] if first_only else x), "qkv"))
+        q = split(checkpoint_name(Dense(cfg.hidden_size, cfg, name="query")(
+            first_tokens(x, mask) if first_only else x), "qkv"))
         k = split(checkpoint_name(Dense(cfg.hidden_size, cfg, name="key")(x), "qkv"))
         v = split(checkpoint_name(Dense(cfg.hidden_size, cfg, name="value")(x), "qkv"))
+        bias = mask.bias
+        if first_only and mask.first is not None:
+            # Each example's query reads its own row's keys and values, under its own row of the mask.
+            rows, cols = jnp.divmod(mask.first, x.shape[1])
+            k, v, bias = k[rows], v[rows], bias[rows, :, cols][:, :, None, :]
         rate = cfg.attention_probs_dropout_prob
         # Named Dropout_0, the name nn.Dropout had here before, so that the keys do not change.
         key = None if deterministic or rate == 0.0 else _DropoutKey(name="Dropout_0")()
@@ -279,6 +291,23 @@ class SelfAttention(nn.Module):
             # probabilities (two copies with dropout) are recomputed in the backward pass.
             attend = jax.checkpoint(attend, policy=jax.checkpoint_policies.save_only_these_names("attention_keep"))
         return attend(q, k, v, bias, key).reshape(*q.shape[:2], cfg.hidden_size)
+
+
+class AttentionMask(NamedTuple):
+    """What each query may attend to. ``bias``: additive, 0 where allowed and the most negative float32
+    where not; (B, 1, 1, T) for rows of one example each (padded keys masked), (B, 1, T, T) for packed
+    rows (each example sees its own tokens only). ``first``: None for rows of one example, whose first
+    token is column 0; for packed rows the (E,) flat indices into B·T of each example's first token."""
+
+    bias: jax.Array
+    first: jax.Array | None = None
+
+
+def first_tokens(x: jax.Array, mask: AttentionMask) -> jax.Array:
+    """The rows the head reads: (B, T, H) -> each example's first token, (B, 1, H), or (E, 1, H) packed."""
+    if mask.first is None:
+        return x[:, :1]
+    return x.reshape(-1, x.shape[-1])[mask.first][:, None]
 
 
 class _DropoutKey(nn.Module):
@@ -291,7 +320,8 @@ class _DropoutKey(nn.Module):
 
 
 def _attend(q, k, v, bias, key, *, rate):
-    """Scaled dot-product attention. q, k, v: (B, T, heads, d); bias: (B, 1, 1, T) additive;
+    """Scaled dot-product attention. q: (B, Tq, heads, d); k, v: (B, T, heads, d); bias: (B, 1, 1 or Tq, T)
+    additive;
     key: the dropout key, or None for no dropout. Returns q's shape."""
     # Scale q (T·H values) rather than the scores (T·T·heads): the same product, a smaller pass.
     scores = jnp.einsum("bqnd,bknd->bnqk", q * (1.0 / q.shape[-1] ** 0.5), k)
@@ -319,9 +349,9 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, bias, *, deterministic, first_only=False):
-        h = SelfAttention(self.cfg, name="self")(x, bias, deterministic=deterministic, first_only=first_only)
-        residual = x[:, :1] if first_only else x
+    def __call__(self, x, mask, *, deterministic, first_only=False):
+        h = SelfAttention(self.cfg, name="self")(x, mask, deterministic=deterministic, first_only=first_only)
+        residual = first_tokens(x, mask) if first_only else x
         return DenseOutput(self.cfg.hidden_size, self.cfg, name="output")(h, residual, deterministic=deterministic)
 
 
@@ -341,16 +371,17 @@ class Intermediate(nn.Module):
 class Layer(nn.Module):
     """One post-LayerNorm transformer block, named as in HF: attention, intermediate, output.
 
-    ``first_only``: the output at the first token alone, (B, 1, H). Keys and values still come from
-    every token, but the query, the attention's output, the FFN and the LayerNorms run on one row.
+    ``first_only``: the output at each example's first token alone, (B, 1, H) (packed: (E, 1, H)). Keys
+    and values still come from every token, but the query, the attention's output, the FFN and the
+    LayerNorms run on one row per example.
     """
 
     cfg: ModelConfig
     first_only: bool = False
 
     @nn.compact
-    def __call__(self, x, bias, deterministic):
-        h = Attention(self.cfg, name="attention")(x, bias, deterministic=deterministic, first_only=self.first_only)
+    def __call__(self, x, mask, deterministic):
+        h = Attention(self.cfg, name="attention")(x, mask, deterministic=deterministic, first_only=self.first_only)
         m = Intermediate(self.cfg, name="intermediate")(h)
         return DenseOutput(self.cfg.hidden_size, self.cfg, name="output")(m, h, deterministic=deterministic)
 
@@ -358,27 +389,27 @@ class Layer(nn.Module):
 class LayerStack(nn.Module):
     """The layers, named ``0 .. L-1`` so paths read ``encoder/layer/<i>/...`` as in HF.
 
-    ``first_only``: the last layer computes the first token's row alone (``Layer``), the only one a
-    classification head reads; the output is then (B, 1, H).
+    ``first_only``: the last layer computes each example's first token alone (``Layer``), the only one
+    a classification head reads; the output is then (B, 1, H), or (E, 1, H) for E packed examples.
     """
 
     cfg: ModelConfig
     first_only: bool = False
 
     @nn.compact
-    def __call__(self, x, bias, *, deterministic):
+    def __call__(self, x, mask, *, deterministic):
         last = self.cfg.num_hidden_layers - 1
         if self.cfg.remat not in LAYER_REMAT_POLICIES:
             for i in range(self.cfg.num_hidden_layers):
                 layer = Layer(self.cfg, first_only=self.first_only and i == last, name=str(i))
-                x = _unfused_gradient(layer(x, bias, deterministic))
+                x = _unfused_gradient(layer(x, mask, deterministic))
             return x
         # static_argnums counts the module as argument 0: `deterministic` is a Python bool.
         block = nn.remat(Layer, policy=LAYER_REMAT_POLICIES[self.cfg.remat], static_argnums=(3,))
         call = nn.custom_vjp(partial(_call_layer, deterministic=deterministic), forward_fn=partial(
             _layer_forward, deterministic=deterministic), backward_fn=partial(_gated_backward, rows=x.shape[:2]))
         for i in range(self.cfg.num_hidden_layers):
-            x = call(block(self.cfg, first_only=self.first_only and i == last, name=str(i)), x, bias)
+            x = call(block(self.cfg, first_only=self.first_only and i == last, name=str(i)), x, mask)
         return x
 
 
@@ -414,12 +445,12 @@ _unfused_gradient.defvjp(lambda x: (x, None), lambda _, g: (_unfusable(g),))
 # CPU fusion copied the cheap elementwise chain of the residual stream's gradient (LayerNorm backward
 # and adds, layer after layer) into each consumer, and every layer's pieces of that chain stayed
 # alive until the last layer's backward: MiniLM's LoRA step with "full", dropout off, 325 -> 223 MiB.
-def _call_layer(layer, x, bias, *, deterministic):
-    return layer(x, bias, deterministic)
+def _call_layer(layer, x, mask, *, deterministic):
+    return layer(x, mask, deterministic)
 
 
-def _layer_forward(layer, x, bias, *, deterministic):
-    return nn.vjp(partial(_call_layer, deterministic=deterministic), layer, x, bias)
+def _layer_forward(layer, x, mask, *, deterministic):
+    return nn.vjp(partial(_call_layer, deterministic=deterministic), layer, x, mask)
 
 
 def _low_rank(w: jax.Array) -> bool:
@@ -449,8 +480,8 @@ class Encoder(nn.Module):
     first_only: bool = False
 
     @nn.compact
-    def __call__(self, x, bias, *, deterministic):
-        return LayerStack(self.cfg, first_only=self.first_only, name="layer")(x, bias, deterministic=deterministic)
+    def __call__(self, x, mask, *, deterministic):
+        return LayerStack(self.cfg, first_only=self.first_only, name="layer")(x, mask, deterministic=deterministic)
 
 
 class RobertaHead(nn.Module):
@@ -487,9 +518,15 @@ class EncoderForClassification(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True, hidden=True):
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, position_ids=None, first_index=None, *,
+                 deterministic=True, hidden=True):
         """input_ids, attention_mask, token_type_ids: (B, T) int. Returns dict with
         ``logits`` (B, num_labels) float32 and ``hidden`` (B, T, H) in the compute dtype.
+
+        Packed rows (``packing``), several examples end to end in each row: ``attention_mask`` holds
+        each token's example number within its row (1, 2, ...; 0 for padding), ``position_ids`` (B, T)
+        restart at 0 with every example, and ``first_index`` (E,) gives each example's first token as a
+        flat index into B·T. ``logits`` are then (E, num_labels), one row per example, in that order.
 
         ``hidden=False``: ``logits`` alone, and the last layer computes only the first token's row,
         the one the head reads (its keys and values still see every token): the same logits for
@@ -498,11 +535,16 @@ class EncoderForClassification(nn.Module):
         cfg = self.cfg
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, attention_mask, deterministic=deterministic)
-        # Additive mask (B, 1, 1, T): padded keys get the most negative float32, as HF does.
-        bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-        states = Encoder(cfg, first_only=not hidden, name="encoder")(x, bias, deterministic=deterministic)
-        first = states[:, 0]
+        x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, attention_mask, position_ids,
+                                               deterministic=deterministic)
+        if first_index is None:
+            allowed = attention_mask[:, None, None, :] > 0  # (B, 1, 1, T): padded keys masked, as HF does
+        else:  # (B, 1, T, T): block-diagonal, each token sees the tokens of its own example
+            seg = attention_mask
+            allowed = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0))[:, None]
+        mask = AttentionMask(jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32), first_index)
+        states = Encoder(cfg, first_only=not hidden, name="encoder")(x, mask, deterministic=deterministic)
+        first = (first_tokens(states, mask) if hidden else states)[:, 0]
         if cfg.model_type == "roberta":
             logits = RobertaHead(cfg, name="classifier")(first, deterministic=deterministic)
         else:
@@ -552,6 +594,8 @@ def forward(
         batch["input_ids"],
         batch["attention_mask"],
         batch.get("token_type_ids"),
+        batch.get("position_ids"),
+        batch.get("first_index"),
         deterministic=not train,
         hidden=hidden,
         rngs={"dropout": rng} if train else {},

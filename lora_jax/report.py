@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .metrics import trivial_warning
+
 
 def write_text(path: Path, text: str) -> None:
     """Write a text file atomically (a temporary file, then a rename): a kill leaves the old file whole."""
@@ -46,6 +48,13 @@ def _num(x, fmt: str) -> str:
     return "unmeasured" if x is None else format(x, fmt)
 
 
+def _layout(r: dict) -> str:
+    b = r.get("batching") or {"batching": "by-length"}
+    if b["batching"] == "packed":
+        return f"packed random batches: rows of {b['row_len']} tokens, row counts {b['row_counts']}"
+    return f"{b['batching']} batches, length buckets {r['buckets']}"
+
+
 def markdown(r: dict) -> str:
     c = r["config"]
     lines = [
@@ -64,6 +73,9 @@ def markdown(r: dict) -> str:
     for split, m in r["metrics"].items():
         for name, value in m["final"]["values"].items():
             lines.append(f"| {split} | {name} | {value:.4f} | {m['best']['values'][name]:.4f} | {m['best']['step']} |")
+    for split, trivial in (r.get("trivial") or {}).items():
+        if trivial:
+            lines += ["", f"**{trivial_warning(split, r['metrics'][split]['final']['values'])}**"]
     mem = r["memory"]
     comp = mem["train_step_compiled"] or {}
     lines += [
@@ -80,7 +92,7 @@ def markdown(r: dict) -> str:
         f"| examples/s | {_num(r['train_examples_per_sec'], ',.1f')} |",
         f"| real tokens/s | {_num(r['train_tokens_per_sec'], ',.0f')} |",
         f"| median step time | {_num(r['step_time_median_s'], '.4f')} s |",
-        f"| compile time | {r['compile_time_s']:.1f} s ({r['compilations']} compilations, buckets {r['buckets']}) |",
+        f"| compile time | {r['compile_time_s']:.1f} s ({r['compilations']} compilations, {_layout(r)}) |",
         f"| padding share | {_pct(r['padding_share'])} |",
         f"| peak device memory | {_mib(mem['peak_device_bytes'])} |",
         f"| train step, XLA memory analysis (largest bucket) | args {_mib(comp.get('argument_bytes'))}, "

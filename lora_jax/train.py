@@ -30,8 +30,8 @@ import numpy as np
 import optax
 
 from . import data as data_lib
-from . import adaptive, lora, metrics, parallel, profiling, rundir, weights
-from .config import XLA_CPU_SCHEDULERS, TrainConfig
+from . import adaptive, lora, metrics, packing, parallel, profiling, rundir, weights
+from .config import LEGACY_VALUES, XLA_CPU_SCHEDULERS, TrainConfig
 from .model import ModelConfig, forward
 from .report import save_figure, write_text
 from .rundir import RunError
@@ -104,19 +104,35 @@ def make_optimizer(label_of: dict[str, str], cfg: TrainConfig, total_steps: int)
     """Global-norm clipping, then AdamW per label ("lora", "trainable") with one schedule.
 
     ``label_of`` maps each trainable flat path to its label (from ``lora.labels``);
-    frozen parameters never reach the optimizer, so they own no state.
+    frozen parameters never reach the optimizer, so they own no state. LoRA+
+    (``loraplus_lr_ratio``) splits the adapters' label into A's and B's
+    (``lora.factor_labels``), B's learning rate that many times A's;
+    ``head_only_steps`` holds the adapters' learning rate at 0 for those first steps.
     """
 
     def decay_mask(params):
         # Inside multi_transform the other label's leaves are empty MaskedNodes: map per entry.
         return {k: jax.tree.map(lambda _: not no_weight_decay(k), v) for k, v in params.items()}
 
-    adamw = optax.adamw(schedule(cfg.lr, total_steps, cfg.warmup_ratio), b1=0.9, b2=0.999, eps=1e-8,
-                        weight_decay=cfg.weight_decay, mask=decay_mask)
-    used = sorted(set(label_of.values()))
+    def adamw(lr: float, held: int = 0):
+        sched = schedule(lr, total_steps - held, cfg.warmup_ratio)
+        if held:
+            sched = optax.join_schedules([optax.constant_schedule(0.0), sched], [held])
+        return optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay, mask=decay_mask)
+
+    if cfg.loraplus_lr_ratio != 1:
+        label_of = lora.factor_labels(label_of)
+    same = adamw(cfg.lr)
+
+    def transform(label: str):
+        if label == lora.TRAINABLE or (label != lora.LORA_B and not cfg.head_only_steps):
+            return same
+        return adamw(cfg.lr * (cfg.loraplus_lr_ratio if label == lora.LORA_B else 1.0), cfg.head_only_steps)
+
+    transforms = {label: transform(label) for label in sorted(set(label_of.values()))}
     return optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm),
-        optax.multi_transform({name: adamw for name in used}, label_of),
+        optax.multi_transform(transforms, label_of),
     )
 
 
@@ -223,7 +239,12 @@ def make_eval_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, mesh=None) -> Calla
     return jax.jit(evaluate, out_shardings=parallel.replicated(mesh))
 
 
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "first_index", "labels")
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the train step reads of a batch (packed batches add position_ids and first_index)."""
+    return {k: batch[k] for k in _MODEL_INPUTS if k in batch}
 
 
 class PerShape:
@@ -279,6 +300,7 @@ class Setup:
     dev: dict[str, data_lib.Encoded]
     buckets: tuple[int, ...]
     model_dir: Path
+    batcher: packing.Batcher
 
 
 def split_for_training(params: dict, lcfg: lora.LoraConfig, key: jax.Array, *, svd: bool = False,
@@ -358,9 +380,8 @@ def gradient_init(s: Setup, n_batches: int) -> dict[str, jax.Array]:
         return jax.tree.map(lambda g: g.astype(jnp.float32), jax.grad(loss)(kernels))  # a bf16 base too
 
     total = None
-    for idx in data_lib.train_order(s.train.lengths, cfg.batch_size, seed=cfg.seed, epoch=0)[:n_batches]:
-        batch = data_lib.collate(s.train, idx, s.buckets, cfg.batch_size)
-        g = grad(kernels, rest, head, {k: batch[k] for k in _MODEL_INPUTS})
+    for idx in s.batcher.order(s.train.lengths, cfg.batch_size, seed=cfg.seed, epoch=0)[:n_batches]:
+        g = grad(kernels, rest, head, model_inputs(s.batcher.batch(s.train, idx, cfg.batch_size)))
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     mats = {p: np.asarray(g, np.float32).reshape(-1, g.shape[-1]) for p, g in total.items()}
     out = dict(s.trainable)
@@ -410,8 +431,11 @@ def setup(cfg: TrainConfig) -> Setup:
     # kept as the baseline that length buckets are measured against).
     buckets = ((cfg.max_seq_len,) if cfg.num_buckets == 0
                else data_lib.bucket_lengths(cfg.max_seq_len, cfg.num_buckets, train.lengths))
+    batcher = (packing.Batcher.for_training(cfg.batching, train.lengths, buckets, batch_size=cfg.batch_size,
+                                            max_seq_len=cfg.max_seq_len, num_buckets=cfg.num_buckets, seed=cfg.seed)
+               if len(train) >= cfg.batch_size else packing.Batcher(cfg.batching, buckets))  # fit says why not
     s = Setup(cfg, task, mcfg, lcfg, frozen, trainable, label_of, counts, report, tokenizer,
-              train, dev, buckets, model_dir)
+              train, dev, buckets, model_dir, batcher)
     if cfg.method == "adalora" and cfg.adalora_init == "gradient" and lcfg.targets:
         s.trainable = gradient_init(s, cfg.adalora_init_batches)
     return s
@@ -452,7 +476,8 @@ def evaluate(task: data_lib.Task, dev: dict[str, data_lib.Encoded], buckets: tup
                 inputs = parallel.put_batch(inputs, mesh)
             logits = parallel.to_host(eval_fn(trainable, frozen, inputs))[: len(idx)]
             preds[idx] = metrics.predictions_from_logits(logits, task.is_regression)
-        results[split] = metrics.compute(task.metrics, preds, enc.labels)
+        results[split] = {**metrics.compute(task.metrics, preds, enc.labels),
+                          **metrics.spread(preds, enc.labels, task.is_regression)}
     return results
 
 
@@ -475,7 +500,7 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 def _check_resumable(out: Path, cfg: TrainConfig) -> None:
     # A field the run's config lacks (written by an older lora-jax) had its default value then.
-    saved = {**TrainConfig().to_dict(), **rundir.saved_config(out)}
+    saved = {**TrainConfig().to_dict(), **LEGACY_VALUES, **rundir.saved_config(out)}
     diffs = [f"{k} (run: {saved.get(k)!r}, now: {v!r})" for k, v in cfg.to_dict().items() if saved.get(k) != v]
     if diffs:
         raise RunError(f"--resume: flags differ from the run in {out}: " + "; ".join(diffs))
@@ -578,6 +603,12 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
                                           regression=s.task.is_regression, mesh=mesh, ada=ada,
                                           xla_scheduler=cfg.xla_scheduler))
     eval_step = make_eval_step(s.mcfg, s.lcfg, mesh)
+    batcher = s.batcher
+    if batcher.batching == "packed" and mesh.devices.size > 1:
+        # A packed batch's rows hold a varying number of examples: it cannot be split evenly over devices.
+        log.info("packed batches run on one device; on %d: the same random batches, one example per row",
+                 mesh.devices.size)
+        batcher = packing.Batcher("random", s.buckets)
     eval_every = cfg.eval_every or spe
     save_every = cfg.save_every or spe
     log.info(lora.describe(s.counts))
@@ -621,15 +652,15 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     try:
         while step < n_steps:
             epoch, offset = divmod(step, spe)
-            batches = data_lib.train_order(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch)[offset:]
+            batches = batcher.order(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch)[offset:]
             for idx in batches:
                 if step >= n_steps:
                     break
-                batch = data_lib.collate(s.train, idx, s.buckets, cfg.batch_size, rows=rows)
+                batch = batcher.batch(s.train, idx, cfg.batch_size, rows=rows)
                 used_batches.append(idx)
                 t0 = time.perf_counter()
-                inputs = parallel.put_batch({k: batch[k] for k in _MODEL_INPUTS}, mesh)
-                shape = inputs["input_ids"].shape  # global (batch, length)
+                inputs = parallel.put_batch(model_inputs(batch), mesh)
+                shape = inputs["input_ids"].shape  # global (rows, length)
                 compiles_before = train_step.compile_seconds
                 state, m = train_step(state, frozen, inputs)
                 loss = float(parallel.to_host(m["loss"]))  # blocks until the step is done
@@ -637,7 +668,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
                 step += 1
                 if shape in seen_shapes:  # the first run of each shape is warm-up
                     step_times.append(dt)
-                    timed_examples += shape[0]
+                    timed_examples += cfg.batch_size
                     timed_tokens += int(lengths[idx].sum())
                 seen_shapes.add(shape)
                 if not math.isfinite(loss):
@@ -654,7 +685,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
                     rec = {"step": step, "epoch": epoch, "loss": loss,
                            "grad_norm": float(parallel.to_host(m["grad_norm"])),
                            **{k: int(parallel.to_host(m[k])) for k in ("budget", "rank") if k in m},
-                           "seq_len": shape[1]}
+                           "rows": shape[0], "seq_len": shape[1]}
                     metrics_file.write(json.dumps(rec) + "\n")
                     metrics_file.flush()
                     bar.set_postfix(loss=f"{loss:.4f}",
@@ -748,7 +779,9 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
         "compilations": train_step.count,
         "compile_cache": jax.config.jax_compilation_cache_dir,  # None: every step compiled afresh
         "buckets": list(s.buckets),
-        "padding_share": data_lib.padding_share(lengths, used_batches, s.buckets) if used_batches else None,
+        "batching": batcher.describe(),
+        "padding_share": batcher.padding_share(lengths, used_batches) if used_batches else None,
+        "trivial": {split: metrics.is_trivial(values) for split, values in final.items()},
         "memory": {
             "peak_device_bytes": profiling.peak_device_bytes(),
             "train_step_compiled": profiling.compiled_memory(compiled) if compiled is not None else None,
@@ -765,5 +798,8 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     }
     if main:
         write_report(out, report)
+        for split, values in final.items():
+            if metrics.is_trivial(values):
+                log.warning(metrics.trivial_warning(split, values))
     parallel.barrier("lora_jax.fit_done")
     return report, state
