@@ -36,6 +36,12 @@ METHODS = {
     "lora-qv-r16": ["--targets", "qv", "--lora-rank", "16", "--lora-alpha", "16"],
     # The same with the frozen base stored in bfloat16 (the memory lever): does it keep accuracy?
     "lora-qv-r8-bf16base": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--param-dtype", "bfloat16"],
+    # The robust-recipe study (results/robust-lora/): the batching before packing, a larger scale
+    # (rsLoRA, alpha / sqrt(r) = 5.7), LoRA+ (B's learning rate 16x A's), the head alone first.
+    "lora-qv-r8-bylength": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--batching", "by-length"],
+    "lora-qv-r8-rslora16": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "16", "--rslora"],
+    "lora-qv-r8-plus16": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--loraplus-lr-ratio", "16"],
+    "lora-qv-r8-probe": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--head-only-steps", "30"],
     "lora-all-r2": ["--targets", "all", "--lora-rank", "2", "--lora-alpha", "2"],
     "lora-all-r8": ["--targets", "all", "--lora-rank", "8", "--lora-alpha", "8"],
     # LoRA at the same 16x scale as the adalora-*-s16 variants below: the comparison at equal budget
