@@ -113,6 +113,13 @@ def main() -> int:
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=8.0)
     p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--rslora", action="store_true", help="peft's use_rslora: scale alpha / sqrt(r)")
+    p.add_argument("--loraplus-lr-ratio", type=float, default=1.0,
+                   help="LoRA+ through peft's create_loraplus_optimizer (which also gives every 1-D trainable "
+                        "parameter, biases included, B's learning rate)")
+    p.add_argument("--batching", choices=("random", "by-length"), default="random",
+                   help="random: a shuffle cut into batches (lora-jax's packed and random batches hold the same "
+                        "examples); by-length: lora-jax's length-grouped batches")
     # peft's AdaLoRA; schedule defaults as in lora-jax (warm-up 10%, final 25% of the run).
     p.add_argument("--adalora-init-rank", type=int, default=12)
     p.add_argument("--adalora-target-rank", type=float, default=8)
@@ -215,7 +222,7 @@ def main() -> int:
 
         model = peft.get_peft_model(model, peft.LoraConfig(
             task_type="SEQ_CLS", r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-            target_modules=PEFT_TARGETS[args.targets]))
+            target_modules=PEFT_TARGETS[args.targets], use_rslora=args.rslora))
     if args.same_init:
         load_same_init(model, args, task.num_labels)
     # A GPU when torch sees one (the CPU wheel never does); the clock stops after loss.item(), which waits.
@@ -225,8 +232,14 @@ def main() -> int:
     n_trainable = sum(p.numel() for _, p in trainable)
     decay = [p for n, p in trainable if not (n.endswith("bias") or "LayerNorm" in n)]
     no_decay = [p for n, p in trainable if n.endswith("bias") or "LayerNorm" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    if args.loraplus_lr_ratio != 1:
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=args.lr, loraplus_lr_ratio=args.loraplus_lr_ratio,
+                                        weight_decay=args.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    else:
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     warmup = round(args.warmup_ratio * n_steps)
     sched = transformers.get_linear_schedule_with_warmup(opt, warmup, n_steps)
 
@@ -289,7 +302,8 @@ def main() -> int:
                unit="step")
     while step < n_steps:
         epoch = step // spe
-        for idx in data_lib.train_order(train.lengths, args.batch_size, seed=args.seed, epoch=epoch)[step % spe:]:
+        for idx in data_lib.train_order(train.lengths, args.batch_size, seed=args.seed, epoch=epoch,
+                                        batching=args.batching)[step % spe:]:
             if step >= n_steps:
                 break
             batch = tensors(train, idx, args.max_seq_len if args.num_buckets == 0 else None)

@@ -44,3 +44,15 @@ def test_predictions_from_logits():
     logits = np.array([[0.1, 2.0], [3.0, -1.0]])
     assert metrics.predictions_from_logits(logits, False).tolist() == [1, 0]
     assert metrics.predictions_from_logits(np.array([[2.5], [0.5]]), True).tolist() == [2.5, 0.5]
+
+
+def test_trivial_solution_is_one_class_or_a_flat_regression():
+    labels = np.array([0, 1] * 50)
+    assert metrics.is_trivial(metrics.spread(np.zeros(100, int), labels, False))
+    assert metrics.is_trivial(metrics.spread(np.r_[np.zeros(96, int), np.ones(4, int)], labels, False))
+    assert not metrics.is_trivial(metrics.spread(np.r_[np.zeros(94, int), np.ones(6, int)], labels, False))
+    y = np.linspace(0, 5, 100)
+    assert metrics.is_trivial(metrics.spread(2.5 + 0.05 * y, y, True))  # std 0.05x the labels'
+    assert not metrics.is_trivial(metrics.spread(2.5 + 0.5 * y, y, True))
+    line = metrics.trivial_warning("dev", metrics.spread(np.zeros(100, int), labels, False))
+    assert "100% of its dev predictions are one class" in line and "\n" not in line

@@ -4,6 +4,7 @@ state, the loss falls when overfitting, compilations are bounded, and fit() end 
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -126,13 +127,20 @@ def test_fit_end_to_end_writes_report(tiny_bert_dir, glue_dir, tmp_path):
     assert [l["step"] for l in lines if "eval" in l] == [4, 8]
     assert "## Dev metrics" in (out / "report.md").read_text()
     assert int(state.step) == 8
+    # Packed random batches by default; the trivial-solution flag follows the dev predictions' spread.
+    assert on_disk["batching"]["batching"] == "packed" and on_disk["batching"]["row_len"] <= 32
+    trivial = m["final"]["values"]["majority_share"] >= 0.95
+    assert on_disk["trivial"] == {"dev": trivial}
+    assert ("trivial solution" in (out / "report.md").read_text()) == trivial
 
 
 @pytest.mark.slow
 def test_fit_regression_task(tiny_bert_dir, glue_dir, tmp_path):
     cfg = tiny_cfg(tiny_bert_dir, glue_dir, tmp_path, task="stsb", max_steps=3)
     report, _ = fit(cfg, progress=False)
-    assert set(report["metrics"]["dev"]["final"]["values"]) == {"pearson", "spearman"}
+    values = report["metrics"]["dev"]["final"]["values"]
+    assert set(values) == {"pearson", "spearman", "std_ratio"}
+    assert report["trivial"] == {"dev": values["std_ratio"] < 0.1}
 
 
 @pytest.mark.slow
@@ -205,3 +213,59 @@ def test_auto_forward_mode():
     # A bfloat16 base would hold W + sAB in bfloat16, where an early small update rounds away.
     assert TrainConfig(param_dtype="bfloat16").forward_mode() == "factored"
     assert TrainConfig(param_dtype="bfloat16", lora_forward="merged").forward_mode() == "merged"
+
+
+def _first_updates(cfg: TrainConfig, steps: int) -> list[dict]:
+    """The optimizer's updates of a LoRA factor pair and a head leaf, given the same gradient each step."""
+    trainable = {"lora/q/kernel/a": jnp.ones((4, 2)), "lora/q/kernel/b": jnp.ones((2, 4)),
+                 "params/classifier/kernel": jnp.ones((4, 2))}
+    label_of = {"lora/q/kernel/a": "lora", "lora/q/kernel/b": "lora", "params/classifier/kernel": "trainable"}
+    opt = make_optimizer(label_of, cfg, total_steps=100)
+    state, out = opt.init(trainable), []
+    grads = jax.tree.map(lambda x: 0.01 * x, trainable)
+    for _ in range(steps):
+        updates, state = opt.update(grads, state, trainable)
+        out.append({k: float(jnp.abs(v).max()) for k, v in updates.items()})
+    return out
+
+
+def test_loraplus_gives_b_that_many_times_a_learning_rate():
+    plain = _first_updates(TrainConfig(lr=1e-3, warmup_ratio=0.0, weight_decay=0.0), 1)[0]
+    plus = _first_updates(TrainConfig(lr=1e-3, warmup_ratio=0.0, weight_decay=0.0, loraplus_lr_ratio=16), 1)[0]
+    assert plain["lora/q/kernel/b"] == pytest.approx(plain["lora/q/kernel/a"])
+    assert plus["lora/q/kernel/b"] == pytest.approx(16 * plus["lora/q/kernel/a"], rel=1e-4)
+    assert plus["lora/q/kernel/a"] == pytest.approx(plain["lora/q/kernel/a"])
+    assert plus["params/classifier/kernel"] == pytest.approx(plain["params/classifier/kernel"])
+
+
+def test_head_only_steps_hold_the_adapters_then_train_them():
+    ups = _first_updates(TrainConfig(lr=1e-3, warmup_ratio=0.0, head_only_steps=3), 5)
+    for i, u in enumerate(ups):
+        assert u["params/classifier/kernel"] > 0
+        held = i < 3
+        assert (u["lora/q/kernel/a"] == 0 and u["lora/q/kernel/b"] == 0) == held, (i, u)
+
+
+@pytest.mark.parametrize("bad, match", [(dict(loraplus_lr_ratio=0.0), "loraplus-lr-ratio must be > 0"),
+                                        (dict(loraplus_lr_ratio=4.0, method="full"), "needs --method lora"),
+                                        (dict(head_only_steps=-1), "head-only-steps must be >= 0"),
+                                        (dict(head_only_steps=5, max_steps=5), "leaves none"),
+                                        (dict(batching="sorted"), "--batching must be one of")])
+def test_recipe_flags_refuse_bad_values(bad, match):
+    from lora_jax.config import ConfigValueError
+    with pytest.raises(ConfigValueError, match=match):
+        TrainConfig(**bad).validate()
+
+
+def test_resuming_a_run_from_before_packing_asks_for_its_batching(tmp_path):
+    """A run's config.json written before --batching existed was trained on length-grouped batches:
+    --resume must not continue it on packed ones."""
+    from lora_jax.rundir import MARKER, RunError
+    from lora_jax.train import _check_resumable
+
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k != "batching"}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / MARKER).write_text("")
+    with pytest.raises(RunError, match="batching \\(run: 'by-length', now: 'packed'\\)"):
+        _check_resumable(tmp_path, TrainConfig())
+    _check_resumable(tmp_path, TrainConfig(batching="by-length"))
