@@ -1,15 +1,21 @@
 #!/usr/bin/env python
-"""Training throughput on real data: length buckets vs one static shape, lora-jax vs PyTorch + peft.
+"""Training throughput on real data: batch layouts, lora-jax vs PyTorch + peft.
 
 Runs one training epoch of a GLUE task (default SST-2, MiniLM, LoRA r = 8 on q, v, batch 32)
-four ways, each a real training run in its own subprocess (`scripts/train.py` or
-`scripts/train_torch.py`), with the same batches in the same order (`data.train_order`):
+several ways, each a real training run in its own subprocess (`scripts/train.py` or
+`scripts/train_torch.py`). Cells of the same sampling train on the same batches in the same
+order (`data.train_order`):
 
-  jax:buckets     lora-jax, batches padded up to one of --num-buckets lengths (the default)
-  jax:pad         lora-jax, every batch padded to --max-seq-len (one static shape)
-  torch:dynamic   PyTorch + peft, each batch padded to its own longest example
-                  (DataCollatorWithPadding's rule)
-  torch:pad       PyTorch + peft, every batch padded to --max-seq-len
+  random batches (a shuffle cut into batches; a batch's composition does not depend on length)
+    jax:packed      lora-jax's default: each batch packed end to end into few rows
+    jax:random      lora-jax, one example per row, padded up to one of --num-buckets lengths
+    jax:pad         lora-jax, one example per row, padded to --max-seq-len (one static shape)
+    torch:random    PyTorch + peft, each batch padded to its own longest example
+                    (DataCollatorWithPadding's rule)
+    torch:pad       PyTorch + peft, every batch padded to --max-seq-len
+  length-grouped batches (sorted by length within windows of 64 batches; Hugging Face's group_by_length)
+    jax:by-length   lora-jax before packing (--batching by-length), length buckets
+    torch:by-length PyTorch + peft, dynamic padding
 
 Examples/s counts the timed steps (compilation and each shape's first step excluded, the
 clock stopped once the loss is on the host); wall time is the whole run, evaluation
@@ -19,7 +25,7 @@ of the epoch's batches, so their examples/s estimates the epoch's (the report sa
 
     python scripts/bench_epoch.py                           # results/epoch/<name>.{json,md,png}
     python scripts/bench_epoch.py --pad-steps 300           # padded cells on a sample of the epoch
-    python scripts/bench_epoch.py --steps 20 --cells jax:buckets,torch:dynamic   # quick look
+    python scripts/bench_epoch.py --steps 20 --cells jax:packed,torch:random   # quick look
 """
 
 from __future__ import annotations
@@ -34,11 +40,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-CELLS = ("jax:buckets", "jax:pad", "torch:dynamic", "torch:pad")
+CELLS = ("jax:packed", "jax:random", "jax:pad", "torch:random", "torch:pad", "jax:by-length", "torch:by-length")
 
 
 def cell_command(cell: str, args, out: Path) -> list[str]:
-    framework, padding = cell.split(":")
+    framework, layout = cell.split(":")
     script = "train.py" if framework == "jax" else "train_torch.py"
     cmd = [sys.executable, str(ROOT / "scripts" / script), "--task", args.task, "--model", args.model,
            "--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--lr", str(args.lr),
@@ -46,11 +52,12 @@ def cell_command(cell: str, args, out: Path) -> list[str]:
            "--seed", str(args.seed), "--output-dir", str(out), "--overwrite", "--no-progress"]
     if args.data_dir != "hub":
         cmd += ["--data-dir", args.data_dir]
-    if padding == "pad":
+    cmd += ["--batching", {"packed": "packed", "by-length": "by-length"}.get(layout, "random")]
+    if layout == "pad":
         cmd += ["--num-buckets", "0"]
     elif framework == "jax":
         cmd += ["--num-buckets", str(args.num_buckets)]
-    steps = args.pad_steps if padding == "pad" and args.pad_steps else args.steps
+    steps = args.pad_steps if layout == "pad" and args.pad_steps else args.steps
     cmd += ["--max-steps", str(steps)] if steps else ["--epochs", "1"]
     if framework == "jax" and steps:
         cmd += ["--eval-every", str(steps)]
@@ -153,18 +160,18 @@ def markdown(record: dict) -> str:
 
 
 def ratios(rows: list[dict]) -> dict:
+    """Examples/s ratios between cells of this run; framework against framework only on the same batches."""
     get = {r["cell"]: r["examples_per_s"] for r in rows if "error" not in r}
-    out = {}
-    torch_best = max((get[c] for c in ("torch:dynamic", "torch:pad") if c in get), default=None)
-    if "jax:buckets" in get and torch_best:
-        out["lora-jax buckets / the faster PyTorch cell"] = get["jax:buckets"] / torch_best
-    if "jax:buckets" in get and "jax:pad" in get:
-        out["lora-jax buckets / lora-jax padded to max length"] = get["jax:buckets"] / get["jax:pad"]
-    if "torch:dynamic" in get and "torch:pad" in get:
-        out["PyTorch dynamic / PyTorch padded to max length"] = get["torch:dynamic"] / get["torch:pad"]
-    if "jax:pad" in get and "torch:pad" in get:
-        out["lora-jax / PyTorch, both padded to max length"] = get["jax:pad"] / get["torch:pad"]
-    return out
+    pairs = {
+        "lora-jax packed / PyTorch random (the same batches)": ("jax:packed", "torch:random"),
+        "lora-jax by-length / PyTorch by-length (the same batches)": ("jax:by-length", "torch:by-length"),
+        "lora-jax / PyTorch, both padded to max length": ("jax:pad", "torch:pad"),
+        "lora-jax packed / lora-jax random, one example per row": ("jax:packed", "jax:random"),
+        "lora-jax packed / lora-jax by-length": ("jax:packed", "jax:by-length"),
+        "lora-jax random / lora-jax padded to max length": ("jax:random", "jax:pad"),
+        "PyTorch random / PyTorch padded to max length": ("torch:random", "torch:pad"),
+    }
+    return {name: get[a] / get[b] for name, (a, b) in pairs.items() if a in get and b in get}
 
 
 def plot(record: dict, path: Path) -> None:
@@ -192,7 +199,7 @@ def main() -> int:
     p.add_argument("--data-dir", default=str(SHARED / "data" / "glue"), help="GLUE TSV directory, or hub")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-seq-len", type=int, default=128)
-    p.add_argument("--num-buckets", type=int, default=8, help="lora-jax's length buckets in jax:buckets")
+    p.add_argument("--num-buckets", type=int, default=8, help="lora-jax's length buckets (jax:random, jax:by-length) or packed row counts (jax:packed)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="steps per cell (default: one epoch)")

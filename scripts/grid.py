@@ -150,6 +150,17 @@ def _stats(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)} if xs else {}
 
 
+def _trivial_seeds(rs: list[dict], split: str) -> int | None:
+    """How many runs ended at the trivial solution (metrics.is_trivial of the final dev values); None when
+    the reports predate the prediction-spread metrics."""
+    from lora_jax.metrics import is_trivial
+
+    values = [r["metrics"][split]["final"]["values"] for r in rs]
+    if not all("majority_share" in v or "std_ratio" in v for v in values):
+        return None
+    return sum(is_trivial(v) for v in values)
+
+
 def summarise(rows: list[dict], args) -> dict:
     cells: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
@@ -171,6 +182,7 @@ def summarise(rows: list[dict], args) -> dict:
             "peak_rss_bytes": _stats([r["memory"]["peak_rss_bytes"] for r in rs]),
             "wall_time_s": _stats([r["wall_time_s"] for r in rs]),
             "final_ranks": [r["adaptive"]["final_total_rank"] for r in rs if r.get("adaptive")] or None,
+            "trivial_seeds": _trivial_seeds(rs, split),
         })
     return {"cells": summary}
 
@@ -184,17 +196,20 @@ def markdown(record: dict) -> str:
         f"Runs: `{record['runs']}`; model `{record['model']}`; device {record['device']}; "
         "versions " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + ".",
         "",
-        "Dev metric at the end of training: median [min-max] over seeds. Step time: median over each run's "
+        "Dev metric at the end of training: median [min-max] over seeds. Trivial: the seeds that ended at the "
+        "trivial solution (at least 95% of dev predictions one class, or a regression's predictions varying less "
+        "than 0.1x the labels; lora_jax.metrics). Step time: median over each run's "
         "timed steps (after the first step of each sequence length), then median over seeds. Methods: "
         + "; ".join(f"`{m}` = `{' '.join(METHODS[m])}`" for m in record["methods"]) + ".",
         "",
-        "| task | method | seeds | dev metric | trained params (saved) | adapter KiB | step (s) | examples/s "
+        "| task | method | seeds | dev metric | trivial | trained params (saved) | adapter KiB | step (s) | examples/s "
         "| peak RSS (GiB) | wall (min) |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in record["cells"]:
         lines.append(
             f"| {c['task']} | {c['method']} | {len(c['seeds'])} | {c['metric']} {fmt(c['dev'])} | "
+            f"{'n/a' if c.get('trivial_seeds') is None else c['trivial_seeds']} | "
             f"{c['trainable_params']:,} | {c['adapter_bytes']['median'] / 1024:,.0f} | "
             f"{fmt(c['step_time_s'], '.3f')} | {c['examples_per_s'].get('median', float('nan')):.1f} | "
             f"{c['peak_rss_bytes']['median'] / 2**30:.2f} | {c['wall_time_s']['median'] / 60:.1f} |")

@@ -350,7 +350,8 @@ def main() -> int:
             for idx in data_lib.eval_order(enc.lengths, 64):
                 logits = model(**tensors(enc, idx)).logits.float().cpu().numpy()
                 preds[idx] = metrics.predictions_from_logits(logits, task.is_regression)
-            results[split] = metrics.compute(task.metrics, preds, enc.labels)
+            results[split] = {**metrics.compute(task.metrics, preds, enc.labels),
+                              **metrics.spread(preds, enc.labels, task.is_regression)}
 
     out.mkdir(parents=True, exist_ok=True)
     saved = out / ("adapter" if args.method == "lora" else "model")

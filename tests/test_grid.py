@@ -37,6 +37,13 @@ def test_grid_with_reference_resumes_and_summarises(tiny_bert_dir, glue_dir, tmp
     assert cells["lora-qv-r8"]["trainable_params"] == cells["torch:lora-qv-r8"]["trainable_params"]
     assert (results / "summary.md").is_file() and (results / "metric_vs_params.png").stat().st_size > 1000
     assert (results / "ranks" / "rte-adalora-t2-seed0-ranks.json").is_file()
+    # Trivial seeds counted from each run's dev predictions, in both frameworks.
+    for c in cells.values():
+        reports = [json.loads((runs / ("torch" if c["method"].startswith("torch:") else "") / "rte"
+                               / c["method"].removeprefix("torch:") / f"seed{seed}" / "report.json").read_text())
+                   for seed in (0, 1)]
+        shares = [r["metrics"]["dev"]["final"]["values"]["majority_share"] for r in reports]
+        assert c["trivial_seeds"] == sum(x >= 0.95 for x in shares)
 
     # A cell stopped after its checkpoints (no report) continues from them; finished cells are skipped.
     cell = runs / "rte" / "lora-qv-r8" / "seed1"

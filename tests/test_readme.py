@@ -228,17 +228,17 @@ def check_bench_epoch(command: str, entries_before: int) -> None:
     assert set(rows) == set(_flag(command, "--cells").split(","))
     steps = int(_flag(command, "--steps"))
     assert all(r["steps"] == steps and not r["full_epoch"] for r in rows.values())
-    assert rows["jax:buckets"]["steps"] == rows["torch:dynamic"]["steps"]  # the same batches
-    # Padding everything to --max-seq-len pads more than the length buckets do.
-    assert rows["jax:pad"]["padding_share"] > rows["jax:buckets"]["padding_share"]
+    assert rows["jax:packed"]["steps"] == rows["torch:random"]["steps"]  # the same batches
+    # Padding everything to --max-seq-len pads more than packing does.
+    assert rows["jax:pad"]["padding_share"] > rows["jax:packed"]["padding_share"]
     assert all(r["examples_per_s"] > 0 for r in rows.values())
-    assert "lora-jax buckets / the faster PyTorch cell" in record["ratios"]
+    assert "lora-jax packed / PyTorch random (the same batches)" in record["ratios"]
     assert (out / f"{stem}.md").is_file() and (out / f"{stem}.png").stat().st_size > 1000
     cache = _flag(command, "--compile-cache")  # passed on to train.py as written
-    assert rows["jax:buckets"]["compile_cache"] == rows["jax:pad"]["compile_cache"] == cache
-    assert rows["jax:buckets"]["compile_cache_entries_before"] == entries_before
-    assert rows["jax:pad"]["compile_cache_entries_before"] > entries_before  # jax:buckets filled it
-    assert rows["torch:dynamic"]["compile_cache"] is None
+    assert rows["jax:packed"]["compile_cache"] == rows["jax:pad"]["compile_cache"] == cache
+    assert rows["jax:packed"]["compile_cache_entries_before"] == entries_before
+    assert rows["jax:pad"]["compile_cache_entries_before"] > entries_before  # jax:packed filled it
+    assert rows["torch:random"]["compile_cache"] is None
     if entries_before == 0:
         assert "cold: this run compiled and filled it" in (out / f"{stem}.md").read_text()
 
