@@ -115,3 +115,15 @@ def test_random_batches_have_the_label_spread_of_a_shuffle_and_length_grouped_on
     for epoch in range(3):
         assert p_value(data_lib.train_order(lengths, b, seed=0, epoch=epoch, batching="random")) > 1e-3
         assert p_value(data_lib.train_order(lengths, b, seed=0, epoch=epoch, batching="by-length")) < 1e-6
+
+
+@pytest.mark.parametrize("high", [41, 120])
+def test_row_length_is_the_candidate_that_pads_least(high):
+    lengths = np.random.default_rng(1).integers(3, high, 2000)
+    b = packing.Batcher.for_training("packed", lengths, (128,), batch_size=32, max_seq_len=128, num_buckets=4, seed=0)
+    epoch0 = b.order(lengths, 32, seed=0, epoch=0)
+    shares = {n: packing.padding_share(lengths, epoch0, n, packing.row_buckets(lengths, epoch0, n, 4, 32))
+              for n in packing.row_lengths(lengths, 128)}
+    assert set(shares) == {-(-(high - 1) // 8) * 8, 128}
+    assert b.row_len in shares and b.padding_share(lengths, epoch0) == min(shares.values())
+    assert b.row_counts[-1] == 32  # one example per row always fits
