@@ -1,8 +1,8 @@
 """Per-seed dev metrics of the robust-recipe study, from the run reports copied next to this file.
 
-    python results/robust-lora/per_seed.py RUNS > results/robust-lora/per-seed.md
+    python results/robust-lora/per_seed.py RUNS [TASK ...] > results/robust-lora/per-seed.md
 
-RUNS is the grid's run directory (`--runs` of scripts/grid.py). Each finished run's report.json is
+RUNS is the grid's run directory (`--runs` of scripts/grid.py); TASKs, if given, the tasks to list. Each finished run's report.json is
 copied to reports/TASK-METHOD-seedK.json here (PyTorch runs: torch-TASK-...), so that the table can be
 checked without the runs.
 """
@@ -15,6 +15,7 @@ from lora_jax.metrics import is_trivial
 
 here = Path(__file__).parent
 runs = Path(sys.argv[1])
+only = set(sys.argv[2:])
 (here / "reports").mkdir(exist_ok=True)
 rows = {}
 for report in sorted(runs.glob("**/seed*/report.json")):
@@ -22,6 +23,8 @@ for report in sorted(runs.glob("**/seed*/report.json")):
     parts = seed_dir.relative_to(runs).parts  # [torch,] task, method, seedK
     framework = "torch" if parts[0] == "torch" else "jax"
     task, method, seed = parts[-3], parts[-2], int(parts[-1][4:])
+    if only and task not in only:
+        continue
     name = f"{'torch-' if framework == 'torch' else ''}{task}-{method}-seed{seed}.json"
     shutil.copyfile(report, here / "reports" / name)
     r = json.loads(report.read_text())
