@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import jax
 import numpy as np
@@ -181,3 +182,25 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def on_main_process(check: Callable[[], None], error: type[Exception]) -> None:
+    """Run ``check`` on process 0 alone; if it raises ``error``, every process raises it, with process
+    0's message. For checks that write probes into a shared directory: run in several processes at
+    once, one process's probe is another's stray file."""
+    message = ""
+    if is_main_process():
+        try:
+            check()
+        except error as e:
+            message = str(e) or type(e).__name__
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        raw = message.encode()[:4096]
+        buf = np.zeros(4096, np.uint8)
+        buf[: len(raw)] = np.frombuffer(raw, np.uint8)
+        message = bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).rstrip(b"\0").decode(errors="replace")
+    if message:
+        raise error(message)
+

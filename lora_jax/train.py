@@ -584,8 +584,8 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     main = parallel.is_main_process()
     if resume:
         _check_resumable(out, cfg)
-    else:
-        rundir.check_output_dir(out, overwrite)  # fail before the slow part; create nothing yet
+    else:  # fail before the slow part; create nothing yet. One process probes the (shared) directory.
+        parallel.on_main_process(lambda: rundir.check_output_dir(out, overwrite), RunError)
     s = setup(cfg)
     if not resume and main:
         rundir.prepare_output_dir(out, overwrite)

@@ -107,6 +107,25 @@ def test_two_processes_with_fsdp_match_one_device(one_device_run, tiny_bert_dir,
 
 
 @pytest.mark.slow
+def test_two_processes_refuse_a_bad_output_dir_alike(tiny_bert_dir, glue_dir, tmp_path):
+    """Process 0 alone checks the output directory (two processes probing one directory at once could see
+    each other's probe files, which failed a two-process run in CI once); the other process ends with the
+    same one-line error, and the directory is left as it was."""
+    out = tmp_path / "not-a-run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    port = _free_port()
+    procs = [subprocess.Popen(_cmd(tiny_bert_dir, glue_dir, out, "--coordinator-address", f"localhost:{port}",
+                                   "--num-processes", "2", "--process-id", str(pid)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(1))
+             for pid in (0, 1)]
+    errors = [p.communicate(timeout=600)[1].strip().splitlines()[-1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2]
+    assert errors[0] == errors[1] and errors[0].startswith(f"error: --output-dir {out} holds files that are not")
+    assert sorted(x.name for x in out.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
 def test_batch_that_does_not_divide_is_one_line_error(tiny_bert_dir, glue_dir, tmp_path):
     done = subprocess.run(_cmd(tiny_bert_dir, glue_dir, tmp_path / "r", "--batch-size", "6"),
                           capture_output=True, text=True, timeout=600, env=_env(4))
