@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import Encoded, collate, fit_buckets, train_order
+from .data import Encoded, bucket_for, collate, fit_buckets, train_order
 from .data import padding_share as data_padding_share
 
 
@@ -69,7 +69,7 @@ def pack(data: Encoded, idx: np.ndarray, row_len: int, row_counts: tuple[int, ..
     ``position_ids``: (R, row_len); ``first_index``, ``labels``, ``example_mask``: (len(idx),)."""
     lengths = np.minimum(np.fromiter((len(data.ids[i]) for i in idx), np.int64, len(idx)), row_len)
     rows = first_fit(lengths, row_len)
-    n_rows = next((r for r in row_counts if r >= len(rows)), len(rows))
+    n_rows = bucket_for(len(rows), row_counts)  # row_counts end at batch_size: one example a row fits
     input_ids = np.full((n_rows, row_len), data.pad_id, np.int32)
     type_ids = np.zeros((n_rows, row_len), np.int32)
     segment = np.zeros((n_rows, row_len), np.int32)
@@ -102,7 +102,7 @@ def padding_share(lengths: np.ndarray, batches: list[np.ndarray], row_len: int, 
     for b in batches:
         n = len(first_fit(lengths[b], row_len))
         real += int(np.minimum(lengths[b], row_len).sum())
-        slots += next((r for r in row_counts if r >= n), n) * row_len
+        slots += bucket_for(n, row_counts) * row_len
     return 1.0 - real / max(slots, 1)
 
 
