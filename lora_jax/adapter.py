@@ -17,13 +17,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
 from . import lora
+from . import tree as tree_lib
+from .files import write_bytes
 from .model import ModelConfig
 
 FORMAT = "lora-jax-adapter"
@@ -36,17 +37,11 @@ class AdapterError(ValueError):
     """An adapter directory that is missing, of another format, or does not fit the base."""
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _save_tensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     from safetensors.numpy import save
 
     blob = save({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}, metadata=metadata)
-    _write_atomic(path, blob)
+    write_bytes(path, blob)
 
 
 def _load_tensors(path: Path) -> dict[str, np.ndarray]:
@@ -84,7 +79,7 @@ def export(directory: Path, trainable: dict, *, mcfg: ModelConfig, lcfg: lora.Lo
         "max_seq_len": max_seq_len,
     }
     _save_tensors(directory / WEIGHTS, {k: np.asarray(v) for k, v in trainable.items()})
-    _write_atomic(directory / CONFIG, (json.dumps(meta, indent=2) + "\n").encode())
+    write_bytes(directory / CONFIG, (json.dumps(meta, indent=2) + "\n").encode())
     return size_bytes(directory)
 
 
@@ -167,17 +162,17 @@ def load(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 def check_fits(trainable: dict, params: dict, where: str) -> None:
     """Every adapter leaf must name a base kernel and agree with its shape; every head leaf likewise."""
-    flat = lora.flatten(params)
+    flat = tree_lib.flatten(params)
     errors = []
     for key, value in trainable.items():
-        kind, _, rest = key.partition("/")
-        if kind == "params":
+        if tree_lib.is_param(key):
+            rest = tree_lib.param_path(key)
             if rest not in flat:
                 errors.append(f"{rest} is not in the base model")
             elif tuple(np.shape(flat[rest])) != tuple(value.shape):
                 errors.append(f"{rest}: adapter {tuple(value.shape)} vs base {tuple(np.shape(flat[rest]))}")
-        elif kind == "lora":
-            path, _, factor = rest.rpartition("/")
+        elif tree_lib.is_adapter(key):
+            path, factor = tree_lib.adapter_path(key)
             if path not in flat:
                 errors.append(f"adapted kernel {path} is not in the base model")
                 continue
@@ -209,7 +204,7 @@ _PEFT_UNSUPPORTED = {
 def _torch_module(path: str, mcfg: ModelConfig) -> str:
     """Our kernel path -> the module name in HF's *ForSequenceClassification (``roberta.encoder...``)."""
     module = path.rsplit("/", 1)[0].replace("/", ".")
-    return module if module.startswith("classifier") else f"{mcfg.model_type}.{module}"
+    return module if module.startswith(tree_lib.HEAD) else f"{mcfg.model_type}.{module}"
 
 
 def export_peft(directory: Path, trainable: dict, *, mcfg: ModelConfig, lcfg: lora.LoraConfig,
@@ -220,10 +215,9 @@ def export_peft(directory: Path, trainable: dict, *, mcfg: ModelConfig, lcfg: lo
     tensors, modules = {}, []
     rank_pattern, alpha_pattern = {}, {}
     for key, value in trainable.items():
-        kind, _, rest = key.partition("/")
         value = np.asarray(value, np.float32)
-        if kind == "lora":
-            path, _, factor = rest.rpartition("/")
+        if tree_lib.is_adapter(key):
+            path, factor = tree_lib.adapter_path(key)
             module = _torch_module(path, mcfg)
             if factor == "a":
                 modules.append(module)
@@ -234,7 +228,7 @@ def export_peft(directory: Path, trainable: dict, *, mcfg: ModelConfig, lcfg: lo
             name = "lora_A" if factor == "a" else "lora_B"
             tensors[f"base_model.model.{module}.{name}.weight"] = value.T
         else:
-            *mod, leaf = rest.split("/")
+            *mod, leaf = tree_lib.param_path(key).split("/")
             transpose = leaf == "kernel"
             tensors[f"base_model.model.{'.'.join(mod)}.{'weight' if transpose else leaf}"] = value.T if transpose else value
     config = {
@@ -249,14 +243,14 @@ def export_peft(directory: Path, trainable: dict, *, mcfg: ModelConfig, lcfg: lo
         "target_modules": sorted(modules),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "modules_to_save": ["classifier"],
+        "modules_to_save": [tree_lib.HEAD],
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
     }
     _save_tensors(directory / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
-    _write_atomic(directory / PEFT_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+    write_bytes(directory / PEFT_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
     return size_bytes(directory)
 
 
@@ -283,7 +277,7 @@ def import_peft(directory: Path, params: dict, mcfg: ModelConfig) -> tuple[lora.
         raise AdapterError(f"{directory} has no {PEFT_WEIGHTS}")
     tensors = _load_tensors(directory / PEFT_WEIGHTS)
     prefix = "base_model.model."
-    flat_params = lora.flatten(params)
+    flat_params = tree_lib.flatten(params)
     trainable: dict[str, np.ndarray] = {}
     paths = []
     for key, value in tensors.items():
@@ -297,7 +291,7 @@ def import_peft(directory: Path, params: dict, mcfg: ModelConfig) -> tuple[lora.
                 module = module[len(mcfg.model_type) + 1:]
             path = module.replace(".", "/") + "/kernel"
             factor = "a" if m.group(2) == "lora_A" else "b"
-            trainable[f"lora/{path}/{factor}"] = value.T
+            trainable[tree_lib.adapter_key(path, factor)] = value.T
             if factor == "a":
                 paths.append(path)
         else:
@@ -309,7 +303,7 @@ def import_peft(directory: Path, params: dict, mcfg: ModelConfig) -> tuple[lora.
                 kernel = "/".join(mod + ["kernel"])
                 base_path = kernel if kernel in flat_params else "/".join(mod + ["scale"])
                 value = value.T if base_path.endswith("/kernel") else value
-            trainable[f"params/{base_path}"] = value
+            trainable[tree_lib.param_key(base_path)] = value
     if not paths:
         raise AdapterError(f"{directory} holds no LoRA tensors")
     rslora = bool(cfg.get("use_rslora", False))
@@ -326,19 +320,19 @@ def import_peft(directory: Path, params: dict, mcfg: ModelConfig) -> tuple[lora.
 
     for path in paths:
         module = _torch_module(path, mcfg)
-        a = trainable[f"lora/{path}/a"]
+        a = trainable[tree_lib.adapter_key(path, "a")]
         want = int(pattern(cfg.get("rank_pattern"), module, cfg["r"]))
         if a.shape[1] != want:
             raise AdapterError(f"{directory}: {module} has LoRA rank {a.shape[1]} but its config says {want}")
         alpha = float(pattern(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
         # One scale per adapter here: fold a module's own scale into its A.
-        trainable[f"lora/{path}/a"] = a * (scale(alpha, want) / scale(float(cfg["lora_alpha"]), int(cfg["r"])))
-    heads = sorted({k.split("/")[1] for k in trainable if k.startswith("params/")})
+        trainable[tree_lib.adapter_key(path, "a")] = a * (scale(alpha, want) / scale(float(cfg["lora_alpha"]), int(cfg["r"])))
+    heads = sorted({tree_lib.param_path(k).split("/")[0] for k in tree_lib.base_only(trainable)})
     lcfg = lora.LoraConfig(
         rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
         rslora=rslora,
         targets=tuple(re.escape(p) for p in sorted(paths)),
-        trainable=tuple(f"{re.escape(h)}/.*" for h in heads) or (r"classifier/.*",),
+        trainable=tuple(f"{re.escape(h)}/.*" for h in heads) or (rf"{tree_lib.HEAD}/.*",),
     )
     check_fits(trainable, params, str(directory))
     return lcfg, trainable

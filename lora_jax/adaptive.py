@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import lora
+from . import tree as tree_lib
 
 SVD_FACTORS = ("p", "lam", "q")
 
@@ -118,7 +119,7 @@ def init(params: dict, targets: tuple[str, ...], rank: int, key: jax.Array, how:
     """
     if how not in ("gaussian", "orthogonal"):
         raise AdaptiveError(f"--adalora-init must be gaussian or orthogonal, got {how!r}")
-    flat = lora.flatten(params)
+    flat = tree_lib.flatten(params)
     paths = lora.target_paths(params, lora.LoraConfig(rank=rank, targets=targets))
     out = {}
     for i, path in enumerate(paths):
@@ -173,10 +174,10 @@ def orthogonality(adapters: dict) -> jax.Array:
 def svd_keys(trainable: dict) -> dict[str, dict[str, str]]:
     """``{matrix path: {"p": flat key, "lam": ..., "q": ...}}`` from the flat trainable dict."""
     out: dict[str, dict[str, str]] = {}
-    for key in trainable:
-        m = re.fullmatch(r"lora/(.+)/(p|lam|q)", key)
-        if m:
-            out.setdefault(m.group(1), {})[m.group(2)] = key
+    for key in tree_lib.adapters_only(trainable):
+        path, factor = tree_lib.adapter_path(key)
+        if factor in SVD_FACTORS:
+            out.setdefault(path, {})[factor] = key
     return out
 
 
@@ -246,7 +247,8 @@ def truncate(trainable: dict, aux: dict, scale: float) -> tuple[dict[str, np.nda
     Returns (trainable leaves in LoRA form, rank per kept matrix).
     """
     keys = svd_keys(trainable)
-    out = {k: np.asarray(v) for k, v in trainable.items() if not re.fullmatch(r"lora/.+/(p|lam|q)", k)}
+    svd = {k for ks in keys.values() for k in ks.values()}
+    out = {k: np.asarray(v) for k, v in trainable.items() if k not in svd}
     ranks = {}
     for path, ks in keys.items():
         keep = np.flatnonzero(np.asarray(aux["mask"][path]) > 0)
@@ -254,8 +256,8 @@ def truncate(trainable: dict, aux: dict, scale: float) -> tuple[dict[str, np.nda
         if keep.size == 0:
             continue
         p, q = np.asarray(trainable[ks["p"]]), np.asarray(trainable[ks["q"]])
-        out[f"lora/{path}/a"] = (scale * p[:, keep] * lam[keep][None, :]).astype(np.float32)
-        out[f"lora/{path}/b"] = q[keep].astype(np.float32)
+        out[tree_lib.adapter_key(path, "a")] = (scale * p[:, keep] * lam[keep][None, :]).astype(np.float32)
+        out[tree_lib.adapter_key(path, "b")] = q[keep].astype(np.float32)
         ranks[path] = int(keep.size)
     return out, ranks
 

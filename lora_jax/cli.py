@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from .config import METHODS, XLA_SCHEDULERS, ConfigValueError, TrainConfig, preset
-from .data import BATCHINGS
-from .report import write_text
+from .batching import BATCHINGS
+from .files import write_text
 
 # Errors that are the user's input, not our bug: one line, no traceback.
 def _user_errors():
@@ -28,7 +28,7 @@ def _user_errors():
     from .lora import LoraError
     from .model import ConfigError
     from .parallel import ParallelError
-    from .train import RunError
+    from .rundir import RunError
     from .weights import WeightsError
 
     return (ConfigValueError, DataError, LoraError, ConfigError, RunError, WeightsError, AdapterError,
@@ -320,7 +320,7 @@ def predict_main(argv: list[str] | None = None) -> int:
 def check_writable_file(path: Path, flag: str) -> None:
     """Fail now, not after the work, if ``path`` cannot be written: its directory must exist and take a
     new file (``report.check_writable``); an existing directory at ``path`` is refused too."""
-    from .report import check_writable
+    from .files import check_writable
 
     if path.is_dir():
         raise ConfigValueError(f"{flag} {path} is a directory")

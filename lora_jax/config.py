@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .data import BATCHINGS
+from .batching import BATCHINGS
 from .lora import TARGET_PRESETS, LoraConfig, full_finetuning
 
 METHODS = ("lora", "full", "adalora")

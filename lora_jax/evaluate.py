@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from . import adapter as adapter_lib
+from . import batching
 from . import data as data_lib
 from . import lora, weights
+from . import tree as tree_lib
 from .config import MIN_SEQ_LEN
-from .train import evaluate, make_eval_step
+from .eval_step import evaluate, make_eval_step
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ def load_for_eval(adapter_dir: str, *, model: str | None = None, peft: bool = Fa
         mcfg = weights.read_config(model_dir, num_labels=num_labels or 2)
         params, _ = weights.load_params(model_dir, mcfg)
         lcfg, trained = adapter_lib.import_peft(directory, params, mcfg)
-        head = [v for k, v in trained.items() if k.endswith(("classifier/kernel", "classifier/out_proj/kernel"))]
+        head = [v for k, v in trained.items() if tree_lib.param_path(k) in tree_lib.HEAD_OUTPUT_KERNELS]
         if head and head[0].shape[-1] != mcfg.num_labels:  # the head decides the label count
             mcfg = weights.read_config(model_dir, num_labels=int(head[0].shape[-1]))
             params, _ = weights.load_params(model_dir, mcfg)
@@ -56,7 +58,7 @@ def load_for_eval(adapter_dir: str, *, model: str | None = None, peft: bool = Fa
         adapter_lib.check_base(meta, report.fingerprint, base, f"the adapter in {directory}", force=force_base)
         lcfg = adapter_lib.lora_config(meta)
         adapter_lib.check_fits(trained, params, str(directory))
-    frozen = {f"params/{p}": v for p, v in lora.flatten(params).items() if f"params/{p}" not in trained}
+    frozen = {k: v for k, v in tree_lib.base_keys(params).items() if k not in trained}
     trained = {k: np.asarray(v, np.float32) for k, v in trained.items()}
     return mcfg, lcfg, trained, frozen, str(model_dir), meta
 
@@ -95,5 +97,5 @@ def evaluate_adapter(adapter_dir: str, *, task: str | None = None, data_dir: str
     tokenizer = data_lib.load_tokenizer(model_dir)
     dev = {s: data_lib.encode(tokenizer, e, max_seq_len)
            for s, e in data_lib.load_dev(t, data_dir, dev_file, max_eval_examples).items()}
-    buckets = data_lib.bucket_lengths(max_seq_len, 4)
+    buckets = batching.bucket_lengths(max_seq_len, 4)
     return evaluate(t, dev, buckets, make_eval_step(mcfg, lcfg), trained, frozen, batch_size)

@@ -3,7 +3,7 @@
 Conventions
 -----------
 * Parameter trees are nested dicts of arrays (Flax Linen ``params``). A leaf is
-  named by its ``/``-joined path, e.g. ``encoder/layer/0/attention/self/query/kernel``;
+  named by its ``/``-joined path (``tree``), e.g. ``encoder/layer/0/attention/self/query/kernel``;
   target and trainable patterns are matched with ``re.fullmatch`` on that path.
 * Flax kernels are ``(d_in, d_out)``: the transpose of torch's ``(out, in)``.
   A kernel of higher rank (a conv kernel ``(kh, kw, c_in, c_out)``) is treated as
@@ -17,7 +17,8 @@ The "LoRA tree" that training, checkpoints and counts work on is
 leaves "lora", "trainable" or "frozen", and that one labelling drives the
 optimizer, the checkpoint filter and the parameter counts.
 
-This module imports only jax and numpy.
+This module depends on no model code: it imports jax, numpy, and our ``tree`` conventions,
+``dropout`` and ``compiler`` helpers.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import tree as tree_lib
+from .compiler import cast_matmul
 from .dropout import dropout
-from .model import cast_matmul
+from .tree import flatten, unflatten
 
 Params = dict[str, Any]
 Adapters = dict[str, dict[str, jax.Array]]
@@ -77,7 +80,7 @@ class LoraConfig:
     alpha: float = 8.0
     dropout: float = 0.0
     targets: tuple[str, ...] = TARGET_PRESETS["qv"]
-    trainable: tuple[str, ...] = (r"classifier/.*",)
+    trainable: tuple[str, ...] = (rf"{tree_lib.HEAD}/.*",)
     init_a: Literal["kaiming", "gaussian"] = "kaiming"
     rslora: bool = False
 
@@ -108,30 +111,6 @@ def full_finetuning() -> LoraConfig:
 
 
 # ----------------------------------------------------------------------------- paths
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> ``{"a/b/c": leaf}`` (insertion order kept)."""
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
-
-
-def unflatten(flat: dict[str, Any]) -> dict:
-    """Inverse of :func:`flatten`."""
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, name = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[name] = value
-    return tree
 
 
 def _matches(path: str, patterns: tuple[str, ...]) -> bool:
@@ -250,17 +229,21 @@ class LoraKernel:
     def dtype(self):
         return self.w.dtype
 
+    def factors(self) -> tuple[jax.Array, jax.Array]:
+        """The low-rank factors (a, b): the leaves ``compiler`` treats as such (in a gradient tree too)."""
+        return self.a, self.b
+
     def astype(self, dtype) -> "LoraKernel":
         # The compute dtype applies to the factors (the fp32 masters stay outside). ``w`` keeps
-        # its stored dtype: the product casts it (model.cast_matmul), so a bfloat16 base's cast
+        # its stored dtype: the product casts it (compiler.cast_matmul), so a bfloat16 base's cast
         # copy is not kept for the backward pass.
         return LoraKernel(self.w, self.a.astype(dtype), self.b.astype(dtype), self.key, self.scale, self.dropout)
 
     def __rmatmul__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
         h = dropout(x, self.dropout, self.key)
-        # 2-D rows, as model.Dense does for plain kernels: XLA's CPU backend runs the gradients of
-        # (batch, seq, d) products (two contracting dimensions) in a slow loop.
+        # 2-D rows, as compiler.matmul_rows does for plain kernels: XLA's CPU backend runs the gradients
+        # of (batch, seq, d) products (two contracting dimensions) in a slow loop.
         rows, h = x.reshape(-1, x.shape[-1]), h.reshape(-1, x.shape[-1])
         low = (h @ self.a.astype(dt)) @ self.b.astype(dt)
         y = cast_matmul(rows, self.w) + (self.scale * low).astype(dt)
@@ -308,13 +291,13 @@ def labels(tree: dict, cfg: LoraConfig) -> dict:
     "trainable"; every other base parameter is "frozen" (adapted kernels too:
     their adapters train, they do not). Same structure as ``tree``.
     """
-    params = flatten(tree.get("params", {}))
+    params = flatten(tree.get(tree_lib.PARAMS, {}))
     for pattern in cfg.trainable:
         if params and not any(re.fullmatch(pattern, p) for p in params):
             raise LoraError(f"trainable pattern {pattern!r} matches no parameter")
-    out = {"params": unflatten({p: TRAINABLE if _matches(p, cfg.trainable) else FROZEN for p in params})}
-    if "lora" in tree:
-        out["lora"] = jax.tree_util.tree_map(lambda _: LORA, tree["lora"])
+    out = {tree_lib.PARAMS: unflatten({p: TRAINABLE if _matches(p, cfg.trainable) else FROZEN for p in params})}
+    if tree_lib.ADAPTERS in tree:
+        out[tree_lib.ADAPTERS] = jax.tree_util.tree_map(lambda _: LORA, tree[tree_lib.ADAPTERS])
     return out
 
 
@@ -343,8 +326,8 @@ def combine(*flats: dict[str, Any]) -> dict:
     for f in flats:
         merged.update(f)
     tree = unflatten(merged)
-    if "lora" in tree:  # adapter keys are paths themselves: regroup as {path: {"a", "b"}}
-        tree["lora"] = table(tree["lora"])
+    if tree_lib.ADAPTERS in tree:  # adapter keys are paths themselves: regroup as {path: {"a", "b"}}
+        tree[tree_lib.ADAPTERS] = table(tree[tree_lib.ADAPTERS])
     return tree
 
 

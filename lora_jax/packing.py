@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import Encoded, bucket_for, collate, fit_buckets, train_order
-from .data import padding_share as data_padding_share
+from .batching import bucket_for, collate, fit_buckets, train_order
+from .batching import padding_share as data_padding_share
+from .data import Encoded
 
 
 def first_fit(lengths: np.ndarray, row_len: int) -> list[list[int]]:

@@ -3,33 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import logging
 from pathlib import Path
 
-from .metrics import trivial_warning
+import numpy as np
 
+from .files import save_figure, write_json, write_text
+from .metrics import is_trivial, trivial_warning
 
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (a temporary file, then a rename): a kill leaves the old file whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def check_writable(directory: Path) -> None:
-    """Create and remove a file in ``directory``: proof, before any work, that outputs can land there.
-    Raises OSError (missing directory, no permission, read-only mount, /proc)."""
-    fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-check-")
-    os.close(fd)
-    os.unlink(probe)
-
-
-def save_figure(fig, path: Path, dpi: int = 110) -> None:
-    """Write a matplotlib figure atomically (a temporary file, then a rename)."""
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
+log = logging.getLogger(__name__)
 
 
 def _mib(n: int | None) -> str:
@@ -127,6 +109,138 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def build(*, cfg, s, command: str | None, step: int, resume: bool, history: list[dict], best: dict,
+          trained: dict, sizes: tuple[int | None, int | None], ada_report: dict | None, timer, compiled_steps,
+          batcher, used_batches: list, mesh, wall: float) -> dict:
+    """``report.json``'s content: the run's metrics, costs and provenance.
+
+    ``s``: the run's ``prepare.Setup``; ``trained``: the saved adapter's flat leaves; ``sizes``: the
+    adapter's and the peft adapter's bytes; ``timer``: ``train.StepTimer``; ``compiled_steps``: the
+    ``train_step.PerShape`` that ran the steps.
+    """
+    import dataclasses
+
+    import jax
+
+    from . import metrics, parallel, profiling
+    from . import tree as tree_lib
+
+    final = history[-1]["eval"] if history else {}
+    compiled = compiled_steps.largest()
+    lora_saved = sum(int(np.size(v)) for v in tree_lib.adapters_only(trained).values())
+    spe = len(s.train) // cfg.batch_size
+    return {
+        "command": command,
+        "task": cfg.task,
+        "method": cfg.method,
+        "model": cfg.model,
+        "metrics": {
+            split: {"final": {"step": step, "values": final[split]}, "best": best[split]}
+            for split in final
+        },
+        "primary_metric": f"{s.task.dev_splits[0]}/{s.task.primary}",
+        # What the saved adapter holds (for AdaLoRA: at the final ranks); and what was trained.
+        "trainable_params": lora_saved + s.counts["trainable"],
+        "lora_params": lora_saved,
+        "lora_params_during_training": s.counts["lora"],
+        "head_params": s.counts["trainable"],
+        "total_params": s.counts["total"],
+        "adapter_bytes": sizes[0],
+        "peft_adapter_bytes": sizes[1],
+        # What a fully fine-tuned copy of the model weighs in float32 (4 bytes a parameter).
+        "full_model_fp32_bytes": 4 * (s.counts["total"] - s.counts["lora"]),
+        "steps": step,
+        "resumed": resume,
+        "epochs_run": round(step / spe, 3),
+        "train_examples": len(s.train),
+        "eval_examples": {k: len(v) for k, v in s.dev.items()},
+        "parallel": parallel.describe(mesh),
+        "adaptive": ada_report,
+        "train_examples_per_sec": timer.rate(timer.examples),
+        "train_tokens_per_sec": timer.rate(timer.tokens),
+        "step_time_median_s": profiling.median(timer.times),
+        "timed_steps": len(timer.times),
+        "compile_time_s": compiled_steps.compile_seconds,
+        "compilations": compiled_steps.count,
+        "compile_cache": jax.config.jax_compilation_cache_dir,  # None: every step compiled afresh
+        "buckets": list(s.buckets),
+        "batching": batcher.describe(),
+        "padding_share": batcher.padding_share(s.train.lengths, used_batches) if used_batches else None,
+        "trivial": {split: metrics.is_trivial(values) for split, values in final.items()},
+        "memory": {
+            "peak_device_bytes": profiling.peak_device_bytes(),
+            "train_step_compiled": profiling.compiled_memory(compiled) if compiled is not None else None,
+            "peak_rss_bytes": profiling.peak_rss_bytes(),
+        },
+        "wall_time_s": wall,
+        "load_report": {"source": s.load_report.source, "initialised": s.load_report.missing,
+                        "unused": s.load_report.unused},
+        "config": cfg.to_dict(),
+        "model_config": dataclasses.asdict(s.mcfg),
+        "versions": profiling.versions(),
+        "device": profiling.device_info(),
+        "date": profiling.now(),
+    }
+
+
+def warn_if_trivial(report: dict) -> None:
+    """One warning line per dev split whose final predictions are trivial (``metrics.is_trivial``)."""
+    for split, m in report["metrics"].items():
+        if is_trivial(m["final"]["values"]):
+            log.warning(trivial_warning(split, m["final"]["values"]))
+
+
 def write_report(out: Path, report: dict) -> None:
-    write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    write_json(out / "report.json", report)
     write_text(out / "report.md", markdown(report))
+
+
+def adaptive_outputs(out: Path, ada, ranks: dict[str, int]) -> dict:
+    """``adaptive/ranks.json``, the rank heatmap and the budget curve of an AdaLoRA run (``ada``: its
+    ``adaptive.AdaLoraConfig``; ``ranks``: final rank per matrix); returns the report's summary."""
+    import matplotlib
+
+    from .adaptive import rank_table
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = out / "adaptive"
+    d.mkdir(exist_ok=True)
+    summary = {
+        "init_rank": ada.init_rank, "target_rank": ada.target_rank, "matrices": len(ranks),
+        "final_total_rank": sum(ranks.values()), "final_mean_rank": sum(ranks.values()) / max(len(ranks), 1),
+        "pruned_to_zero": sum(r == 0 for r in ranks.values()),
+        "schedule": {"total_steps": ada.total_steps, "warmup_steps": ada.warmup_steps,
+                     "final_steps": ada.final_steps, "interval": ada.interval},
+        "beta1": ada.beta1, "beta2": ada.beta2, "orth_reg": ada.orth_reg,
+    }
+    write_json(d / "ranks.json", {**summary, "ranks": ranks})
+    layers, names, grid = rank_table(ranks)
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 0.45 * len(layers) + 1.5))
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=ada.init_rank, aspect="auto")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("matrix")
+    ax.set_ylabel("layer")
+    for (i, j), r in np.ndenumerate(grid):
+        if not np.isnan(r):
+            ax.text(j, i, int(r), ha="center", va="center", color="w" if r < ada.init_rank / 2 else "k")
+    fig.colorbar(im, ax=ax, label="final rank")
+    ax.set_title(f"AdaLoRA final ranks (start {ada.init_rank}, target mean {ada.target_rank:g})")
+    fig.tight_layout()
+    save_figure(fig, d / "ranks.png", dpi=120)
+    plt.close(fig)
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    recs = [r for r in recs if "budget" in r]
+    if recs:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in recs], [r["budget"] for r in recs], label="budget")
+        ax.plot([r["step"] for r in recs], [r["rank"] for r in recs], label="total rank in use", ls="--")
+        ax.set_xlabel("step")
+        ax.set_ylabel("total rank")
+        ax.legend()
+        fig.tight_layout()
+        save_figure(fig, d / "budget.png", dpi=120)
+        plt.close(fig)
+    return {**summary, "files": ["adaptive/ranks.json", "adaptive/ranks.png", "adaptive/budget.png"]}

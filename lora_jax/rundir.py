@@ -13,7 +13,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from .report import check_writable, write_text
+from .config import LEGACY_VALUES, TrainConfig
+from .files import check_writable, write_text
 
 log = logging.getLogger(__name__)
 
@@ -131,3 +132,12 @@ def truncate_log(path: Path, last_step: int) -> None:
     if partial:
         log.warning("%s: dropped %d unreadable line(s), from a write that was cut off", path, partial)
     write_text(path, "".join(line + "\n" for line in kept))
+
+
+def check_resumable(out: Path, cfg: TrainConfig) -> None:
+    """``--resume`` continues a run only with the flags it was started with."""
+    # A field the run's config lacks (written by an older lora-jax) had its default value then.
+    saved = {**TrainConfig().to_dict(), **LEGACY_VALUES, **saved_config(out)}
+    diffs = [f"{k} (run: {saved.get(k)!r}, now: {v!r})" for k, v in cfg.to_dict().items() if saved.get(k) != v]
+    if diffs:
+        raise RunError(f"--resume: flags differ from the run in {out}: " + "; ".join(diffs))

@@ -23,11 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import adapter as adapter_lib
+from . import batching
 from . import data as data_lib
 from . import lora, weights
+from . import tree as tree_lib
 from .model import ModelConfig, forward
-from .report import write_text
-from .train import make_eval_step
+from .files import write_text
+from .eval_step import make_eval_step
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +139,6 @@ class GatheredBias:
         return y + per_example.reshape(per_example.shape[:1] + (1,) * (y.ndim - 2) + per_example.shape[1:])
 
 
-_FINAL = ("classifier/kernel", "classifier/bias", "classifier/out_proj/kernel", "classifier/out_proj/bias")
-
-
 def stack_adapters(base: dict[str, Any], adapters: Sequence[tuple[dict, lora.LoraConfig]]) -> tuple[dict, int]:
     """K adapters (trained leaves, LoraConfig) of one base, stacked on an adapter axis K.
 
@@ -150,26 +149,28 @@ def stack_adapters(base: dict[str, Any], adapters: Sequence[tuple[dict, lora.Lor
     tree (for kernel shapes). Returns ({"lora": ..., "head": ...}, widest head).
     """
     k = len(adapters)
-    heads_width = [v.shape[-1] for trained, _ in adapters for p, v in trained.items() if p[len("params/"):] in _FINAL]
+    heads_width = [v.shape[-1] for trained, _ in adapters for p, v in trained.items()
+                   if tree_lib.param_path(p) in tree_lib.HEAD_OUTPUT]
     c_max = max(heads_width) if heads_width else 1
     r_max = max(cfg.rank for _, cfg in adapters)
-    paths = sorted({key[len("lora/"):-2] for trained, _ in adapters for key in trained if key.startswith("lora/")})
+    paths = sorted({tree_lib.adapter_path(key)[0] for trained, _ in adapters for key in tree_lib.adapters_only(trained)})
     bank_lora = {}
     for path in paths:
         d_in, d_out = base[path].shape
         a = np.zeros((d_in, k, r_max), np.float32)
         b = np.zeros((k, r_max, d_out), np.float32)
         for i, (trained, cfg) in enumerate(adapters):
-            if f"lora/{path}/a" in trained:
-                r = trained[f"lora/{path}/a"].shape[1]  # per matrix: adaptive-rank adapters vary
-                a[:, i, :r] = trained[f"lora/{path}/a"]
-                b[i, :r, :] = np.asarray(trained[f"lora/{path}/b"]) * cfg.scale
+            key_a, key_b = tree_lib.adapter_key(path, "a"), tree_lib.adapter_key(path, "b")
+            if key_a in trained:
+                r = trained[key_a].shape[1]  # per matrix: adaptive-rank adapters vary
+                a[:, i, :r] = trained[key_a]
+                b[i, :r, :] = np.asarray(trained[key_b]) * cfg.scale
         bank_lora[path] = {"a": a, "b": b}
-    heads = sorted({key[len("params/"):] for trained, _ in adapters for key in trained if key.startswith("params/")})
+    heads = sorted({tree_lib.param_path(key) for trained, _ in adapters for key in tree_lib.base_only(trained)})
     bank_head = {}
     for path in heads:
-        leaves = [np.asarray(trained[f"params/{path}"], np.float32) for trained, _ in adapters]
-        if path in _FINAL:
+        leaves = [np.asarray(trained[tree_lib.param_key(path)], np.float32) for trained, _ in adapters]
+        if path in tree_lib.HEAD_OUTPUT:
             stacked = np.full((k, *leaves[0].shape[:-1], c_max), -1e9 if path.endswith("bias") else 0.0, np.float32)
             for i, v in enumerate(leaves):
                 stacked[i, ..., : v.shape[-1]] = v
@@ -195,7 +196,7 @@ def mixed_forward(mcfg: ModelConfig, bank: dict, frozen: dict, batch: dict, idx:
         zero = jnp.zeros(stacked.shape[1:], stacked.dtype)
         params[path] = (GatheredKernel(zero, stacked, None, idx) if path.endswith("kernel")
                         else GatheredBias(zero, stacked, idx))
-    return forward(mcfg, lora.unflatten(params), batch, hidden=False)["logits"]
+    return forward(mcfg, tree_lib.unflatten(params), batch, hidden=False)["logits"]
 
 
 class PredictError(ValueError):
@@ -215,7 +216,7 @@ class LoadedAdapter:
 
 def merged_params(params: dict, trained: dict, lcfg: lora.LoraConfig) -> dict:
     """The plain parameter tree of base + adapter + head: W + ΔW at every adapted kernel."""
-    tree = lora.combine({f"params/{p}": v for p, v in lora.flatten(params).items()}, trained)
+    tree = lora.combine(tree_lib.base_keys(params), trained)
     return lora.merge(tree["params"], tree.get("lora", {}), lcfg) if tree.get("lora") else tree["params"]
 
 
@@ -280,9 +281,10 @@ class Predictor:
         adapter_lib.check_base(meta, self.base_fingerprint, self.base, f"adapter {name!r}", force=self.force_base)
         num_labels = meta["model_config"]["num_labels"]
         mcfg = weights.read_config(self.model_dir, num_labels=num_labels)
-        head_free = {p: v for p, v in lora.flatten(self.params).items() if not p.startswith("classifier/")}
-        adapter_lib.check_fits({k: v for k, v in trained.items() if not k.startswith("params/classifier/")},
-                               lora.unflatten(head_free), f"adapter {name!r}")
+        head_free = {p: v for p, v in tree_lib.flatten(self.params).items() if not tree_lib.is_head(p)}
+        adapter_lib.check_fits({k: v for k, v in trained.items()
+                                if not (tree_lib.is_param(k) and tree_lib.is_head(tree_lib.param_path(k)))},
+                               tree_lib.unflatten(head_free), f"adapter {name!r}")
         task = data_lib.get_task(meta["task"])
         # On the device once: host arrays would be copied over again in every call.
         return LoadedAdapter(name, task, mcfg, adapter_lib.lora_config(meta),
@@ -291,7 +293,7 @@ class Predictor:
                              int(meta.get("max_seq_len") or min(128, mcfg.max_positions)))
 
     def frozen_for(self, ad: LoadedAdapter) -> dict:
-        return {f"params/{p}": v for p, v in lora.flatten(self.params).items() if f"params/{p}" not in ad.trained}
+        return {k: v for k, v in tree_lib.base_keys(self.params).items() if k not in ad.trained}
 
     def eval_fn(self, ad: LoadedAdapter) -> Callable:
         # One jitted function per head width: adapters are arguments, so switching compiles nothing new.
@@ -341,11 +343,11 @@ class Predictor:
         if not checked:
             return []
         enc = self._encode(checked, ad)
-        buckets = data_lib.bucket_lengths(ad.max_seq_len, self._num_buckets)
+        buckets = batching.bucket_lengths(ad.max_seq_len, self._num_buckets)
         fn, frozen = self.eval_fn(ad), self.frozen_for(ad)
         logits = np.zeros((len(checked), ad.mcfg.num_labels), np.float32)
-        for idx in data_lib.eval_order(enc.lengths, self.batch_size):
-            batch = data_lib.collate(enc, idx, buckets, self.batch_size)
+        for idx in batching.eval_order(enc.lengths, self.batch_size):
+            batch = batching.collate(enc, idx, buckets, self.batch_size)
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
             logits[idx] = np.asarray(fn(ad.trained, frozen, inputs))[: len(idx)]
         return [self._answer(row, ad) for row in logits]
@@ -357,10 +359,10 @@ class Predictor:
         if self._bank is None:
             names = list(self.adapters)
             ads = [self.adapters[n] for n in names]
-            arrays, c_max = stack_adapters(lora.flatten(self.params), [(a.trained, a.lcfg) for a in ads])
+            arrays, c_max = stack_adapters(tree_lib.flatten(self.params), [(a.trained, a.lcfg) for a in ads])
             arrays = jax.device_put(arrays)  # once, not in every call
             mcfg = weights.read_config(self.model_dir, num_labels=c_max)
-            frozen = {p: v for p, v in lora.flatten(self.params).items() if not p.startswith("classifier/")}
+            frozen = {p: v for p, v in tree_lib.flatten(self.params).items() if not tree_lib.is_head(p)}
             self._bank = {"names": names, "index": {n: i for i, n in enumerate(names)}, "mcfg": mcfg,
                           "arrays": arrays, "frozen": frozen,
                           "fn": jax.jit(lambda b, f, x, i: mixed_forward(mcfg, b, f, x, i))}
@@ -386,10 +388,10 @@ class Predictor:
         enc = data_lib.Encoded(ids, type_ids, np.zeros(len(ids)), int(self.tokenizer.pad_token_id))
         which = np.array([bank["index"][ad.name] for _, ad in checked], np.int32)
         max_len = max(self.adapters[n].max_seq_len for n in by_adapter)
-        buckets = data_lib.bucket_lengths(max_len, self._num_buckets)
+        buckets = batching.bucket_lengths(max_len, self._num_buckets)
         logits = np.zeros((len(checked), bank["mcfg"].num_labels), np.float32)
-        for idx in data_lib.eval_order(enc.lengths, self.batch_size):
-            batch = data_lib.collate(enc, idx, buckets, self.batch_size)
+        for idx in batching.eval_order(enc.lengths, self.batch_size):
+            batch = batching.collate(enc, idx, buckets, self.batch_size)
             rows = np.concatenate([idx, np.repeat(idx[:1], self.batch_size - len(idx))])
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
             logits[idx] = np.asarray(bank["fn"](bank["arrays"], bank["frozen"], inputs, which[rows]))[: len(idx)]

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import lora
+from . import files, lora
+from . import tree as tree_lib
 from .model import DTYPES, ConfigError, ModelConfig, init_params, param_shapes
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class LoadReport:
     def summary(self) -> str:
         lines = [f"loaded {self.source}"]
         if self.missing:
-            head = all(p.startswith(("classifier/", "pooler/")) for p in self.missing)
+            head = all(tree_lib.is_new_for_task(p) for p in self.missing)
             what = "a new classification head (normal for fine-tuning)" if head else "parameters"
             lines.append(f"initialised {len(self.missing)} tensors randomly, {what}: {', '.join(self.missing)}")
         if self.unused:
@@ -174,7 +175,7 @@ def _read_msgpack(file: Path) -> dict[str, np.ndarray]:
         tree = msgpack_restore(file.read_bytes())
     except Exception as e:  # msgpack raises several unrelated classes on bad bytes
         raise WeightsError(f"cannot read {file} (corrupted or not a Flax msgpack file): {e}") from None
-    return {_strip_prefix(p): v for p, v in lora.flatten(tree).items()}
+    return {_strip_prefix(p): v for p, v in tree_lib.flatten(tree).items()}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -224,7 +225,7 @@ def load_params(
         else:
             raise WeightsError(f"{directory} has no weights file ({SAFETENSORS} or {MSGPACK})")
 
-    expected = lora.flatten(param_shapes(cfg))
+    expected = tree_lib.flatten(param_shapes(cfg))
     report = LoadReport(source=str(file))
     errors = []
     loaded = {}
@@ -248,14 +249,14 @@ def load_params(
     if report.missing:
         with jax.default_device(cpu):
             key = jax.device_put(key if key is not None else jax.random.key(0), cpu)
-            fresh = lora.flatten(init_params(cfg, key))
+            fresh = tree_lib.flatten(init_params(cfg, key))
         flat.update({p: np.asarray(fresh[p]) for p in report.missing})
     flat.update({p: np.asarray(v) for p, v in loaded.items()})
     report.fingerprint = fingerprint({p: flat[p] for p in loaded})
     dtype = DTYPES[param_dtype]
     flat = {p: jnp.asarray(flat[p].astype(dtype) if jnp.issubdtype(flat[p].dtype, jnp.floating) else flat[p])
             for p in expected}
-    return lora.unflatten(flat), report
+    return tree_lib.unflatten(flat), report
 
 
 def from_pretrained(
@@ -278,13 +279,10 @@ def save_safetensors(params: dict, file: Path, *, prefix: str = "") -> None:
     from safetensors.numpy import save_file
 
     tensors = {}
-    for path, value in lora.flatten(params).items():
+    for path, value in tree_lib.flatten(params).items():
         name, transpose = flax_to_torch_name(path)
-        if not path.startswith(("classifier/",)):
+        if not tree_lib.is_head(path):
             name = prefix + name
         arr = np.asarray(jnp.asarray(value, jnp.float32))
         tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
-    file = Path(file)
-    tmp = file.with_suffix(file.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, file)
+    files.write_via(Path(file), lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))

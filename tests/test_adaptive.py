@@ -12,13 +12,17 @@ import pytest
 
 from lora_jax import adapter as adapter_lib
 from lora_jax import adaptive, lora, weights
+from lora_jax import batching
 from lora_jax import data as data_lib
 from lora_jax.adaptive import AdaLoraConfig, AdaptiveError
 from lora_jax.cli import train_main
 from lora_jax.config import TrainConfig
 from lora_jax.evaluate import evaluate_adapter
 from lora_jax.model import forward
-from lora_jax.train import fit, model_params, setup, task_loss
+from lora_jax.eval_step import model_params
+from lora_jax.prepare import setup
+from lora_jax.train import fit
+from lora_jax.train_step import task_loss
 
 QV = lora.TARGET_PRESETS["qv"]
 ALL = lora.TARGET_PRESETS["all"]
@@ -164,8 +168,8 @@ def test_gradient_init_starts_lambda_on_the_task_gradient(tiny_bert_dir, glue_di
     grad_init = setup(cfg)
     orth_init = setup(dataclasses.replace(cfg, adalora_init="orthogonal"))
     lcfg = cfg.lora_config()
-    batches = [data_lib.collate(grad_init.train, idx, grad_init.buckets, cfg.batch_size)
-               for idx in data_lib.train_order(grad_init.train.lengths, cfg.batch_size, seed=cfg.seed, epoch=0)[:2]]
+    batches = [batching.collate(grad_init.train, idx, grad_init.buckets, cfg.batch_size)
+               for idx in batching.train_order(grad_init.train.lengths, cfg.batch_size, seed=cfg.seed, epoch=0)[:2]]
 
     def loss(trainable, frozen):
         params = model_params(trainable, frozen, lcfg, mode="factored")

@@ -2,7 +2,7 @@
 
 Their successful runs are the README's quick benchmark commands: tests/test_readme.py runs each once and
 checks what it wrote (rows, memory levers, FLOP counts, bounds, the compile cache). The one run here is
-scripts/bench.py --preallocate, a setting the README's command does not use."""
+benchmarks/bench.py --preallocate, a setting the README's command does not use."""
 
 import json
 import subprocess
@@ -21,7 +21,7 @@ pytest.importorskip("peft")
 def test_bench_epoch_rejects_unusable_compile_cache(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_epoch.py"), "--compile-cache",
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_epoch.py"), "--compile-cache",
                            str(blocker / "cache"), "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "--compile-cache" in done.stderr
@@ -30,14 +30,14 @@ def test_bench_epoch_rejects_unusable_compile_cache(tmp_path):
 
 @pytest.mark.parametrize("cells, named", [("jax:nope", "jax:nope"), (",", "names no cell")])
 def test_bench_epoch_bad_cell(tmp_path, cells, named):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_epoch.py"), "--cells", cells,
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_epoch.py"), "--cells", cells,
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and named in done.stderr
     assert not any(tmp_path.iterdir())
 
 
 def test_bench_inference_bad_impl(tiny_bert_dir, tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_inference.py"), "--config",
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_inference.py"), "--config",
                            str(tiny_bert_dir), "--mixed-impls", "masked,nope", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "nope" in done.stderr
@@ -45,7 +45,7 @@ def test_bench_inference_bad_impl(tiny_bert_dir, tmp_path):
 
 
 def test_bench_rejects_jax_only_variant_for_torch(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--cells", "torch:lora:remat-cheap",
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--cells", "torch:lora:remat-cheap",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "torch variants" in done.stderr
     assert not any(tmp_path.iterdir())
@@ -54,7 +54,7 @@ def test_bench_rejects_jax_only_variant_for_torch(tmp_path):
 def test_bench_preallocate_reaches_the_cells(tiny_bert_dir, tmp_path):
     # The default grows JAX's GPU pool on demand (checked on the README's run); --preallocate lets the
     # cells preallocate it.
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(tiny_bert_dir), "--batch", "2",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--config", str(tiny_bert_dir), "--batch", "2",
            "--seq", "8", "--steps", "1", "--warmup", "0", "--out", str(tmp_path), "--name", "t",
            "--cells", "jax:lora:fp32", "--preallocate"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -69,7 +69,7 @@ def test_bench_rejects_unusable_compile_cache(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--cells", "jax:lora:fp32",
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--cells", "jax:lora:fp32",
                            "--compile-cache", str(blocker / "cache"), "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "--compile-cache" in done.stderr
@@ -79,7 +79,7 @@ def test_bench_rejects_unusable_compile_cache(tmp_path):
 @pytest.mark.parametrize("flag, named", [(["--frameworks", "jax,tf"], "jax,tf"), (["--repeats", "0"], "--repeats"),
                                          (["--config", "/nope"], "/nope"), (["--step", "/nope.json"], "/nope.json")])
 def test_bench_gemm_bad_input(flag, named, tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gemm.py"), *flag, "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gemm.py"), *flag, "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and named in done.stderr
     assert not any(tmp_path.iterdir())
@@ -92,7 +92,7 @@ def test_bench_gemm_refuses_a_step_of_another_shape(tiny_bert_dir, tmp_path):
         {"framework": "torch", "method": "lora", "variant": "fp32", "step_times_s": [2.0], "matmul_flops": 10**9,
          "batched_matmul_flops": 0, "config": str(tiny_bert_dir), "batch": 2, "seq": 8}]}))
     out = tmp_path / "out"
-    other = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gemm.py"), "--config", str(tiny_bert_dir),
+    other = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gemm.py"), "--config", str(tiny_bert_dir),
                             "--batch", "2", "--seq", "16", "--step", str(step), "--out", str(out), "--name", "c"],
                            capture_output=True, text=True, timeout=120)
     assert other.returncode == 2 and other.stderr.strip().count("\n") == 0 and "seq 8" in other.stderr

@@ -15,7 +15,8 @@ from safetensors.numpy import load_file
 
 from lora_jax import checkpoint
 from lora_jax.config import TrainConfig
-from lora_jax.train import RunError, fit
+from lora_jax.rundir import RunError
+from lora_jax.train import fit
 
 from .conftest import ROOT
 

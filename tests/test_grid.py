@@ -1,5 +1,5 @@
-"""The study scripts: scripts/grid.py runs a grid with the PyTorch reference, resumes a stopped
-cell from its checkpoint and skips finished ones; scripts/reproduce_paper.sh with the MNLI-style
+"""The study scripts: benchmarks/grid.py runs a grid with the PyTorch reference, resumes a stopped
+cell from its checkpoint and skips finished ones; benchmarks/reproduce_paper.sh with the MNLI-style
 warm start, run on the tiny checkpoint."""
 
 import json
@@ -17,7 +17,7 @@ pytest.importorskip("peft")
 
 
 def _grid(model, glue, runs, results, *flags):
-    cmd = [sys.executable, str(ROOT / "scripts" / "grid.py"), "--name", "t", "--model", str(model),
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "grid.py"), "--name", "t", "--model", str(model),
            "--data-dir", str(glue), "--runs", str(runs), "--results", str(results), *flags]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -78,7 +78,7 @@ def test_reproduce_paper_script_with_warm_start(tiny_bert_dir, glue_dir, tmp_pat
            "RESULTS": str(tmp_path / "results"),
            # The paper's 512 positions and epochs do not fit the tiny model or a test's time.
            "EXTRA": "--max-steps 4 --max-seq-len 32 --num-buckets 0"}
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_paper.sh")], capture_output=True, text=True,
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "reproduce_paper.sh")], capture_output=True, text=True,
                           env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     cfg = json.loads((tmp_path / "runs" / "rte" / "lora-paper" / "seed0" / "config.json").read_text())
@@ -87,13 +87,13 @@ def test_reproduce_paper_script_with_warm_start(tiny_bert_dir, glue_dir, tmp_pat
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
     assert {c["task"] for c in summary["cells"]} == {"sst2", "rte"}
 
-    bad = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_paper.sh")], capture_output=True, text=True,
+    bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "reproduce_paper.sh")], capture_output=True, text=True,
                          env={**env, "WARM_START": "mnli"}, timeout=60)
     assert bad.returncode == 2 and "WARM_START=mnli must come first in TASKS" in bad.stderr
 
 
 def _torch_cmd(model, glue, out, *extra):
-    return [sys.executable, str(ROOT / "scripts" / "train_torch.py"), "--task", "rte", "--model", str(model),
+    return [sys.executable, str(ROOT / "benchmarks" / "train_torch.py"), "--task", "rte", "--model", str(model),
             "--data-dir", str(glue), "--batch-size", "4", "--max-seq-len", "32", "--max-steps", "150",
             "--save-every", "5", "--lora-dropout", "0.1", "--output-dir", str(out), "--no-progress", *extra]
 
@@ -148,18 +148,16 @@ def test_torch_reference_sigkill_then_resume(tiny_bert_dir, glue_dir, tmp_path):
 
 
 def _script(name: str):
-    import importlib.util
+    # benchmarks/ is on the tests' path (pyproject.toml, pytest's pythonpath), as it is on the scripts'.
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(name)
 
 
 def test_every_grid_method_is_a_valid_training_config():
     from lora_jax.cli import build_parser, config_from_args
 
-    for name, flags in _script("grid").METHODS.items():
+    for name, flags in _script("common").METHODS.items():
         cfg = config_from_args(build_parser().parse_args(["--task", "rte", *flags]))
         cfg.validate()
         if name.startswith("adalora"):
@@ -181,7 +179,7 @@ def test_adaptive_report_pairs_each_adalora_method_with_lora_at_its_budget():
 
 
 def _summary(command: str, cells: dict[tuple[str, str], list[float]]) -> dict:
-    """A grid summary.json as scripts/grid.py writes it, with the fields adaptive_overview reads."""
+    """A grid summary.json as benchmarks/grid.py writes it, with the fields adaptive_overview reads."""
     stat = lambda xs: {"median": sorted(xs)[len(xs) // 2], "min": min(xs), "max": max(xs), "n": len(xs)}
     return {"command": command, "cells": [{"task": t, "method": m, "dev": stat(xs), "trainable_params": 1000}
                                           for (t, m), xs in cells.items()]}
@@ -190,10 +188,10 @@ def _summary(command: str, cells: dict[tuple[str, str], list[float]]) -> dict:
 @pytest.mark.slow
 def test_adaptive_overview_groups_pairs_by_recipe_and_run_length(tmp_path):
     grids = {
-        "g300": _summary("python scripts/grid.py --name g300 --max-steps 300 -- --num-buckets 4", {
+        "g300": _summary("python benchmarks/grid.py --name g300 --max-steps 300 -- --num-buckets 4", {
             ("rte", "adalora-t2-s16"): [0.50, 0.52, 0.55], ("rte", "lora-all-r2"): [0.54, 0.56, 0.58],
             ("rte", "lora-qv-r8"): [0.60, 0.61, 0.62]}),  # no AdaLoRA partner: not a row
-        "g600": _summary("python scripts/grid.py --name g600 --max-steps 600", {
+        "g600": _summary("python benchmarks/grid.py --name g600 --max-steps 600", {
             ("mrpc", "adalora-t8-s16"): [0.80, 0.82, 0.84], ("mrpc", "lora-all-r8"): [0.79, 0.81, 0.83],
             ("mrpc", "adalora-t8-s16-late"): [0.70, 0.71, 0.90], ("mrpc", "adalora-t2-s16"): [0.7, 0.7, 0.7],
             ("sst2", "adalora-t2-s16"): [0.90, 0.91, 0.92], ("sst2", "lora-all-r2"): [0.88, 0.89, 0.95]}),
@@ -201,7 +199,7 @@ def test_adaptive_overview_groups_pairs_by_recipe_and_run_length(tmp_path):
     for name, s in grids.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(s))
-    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "scripts" / "adaptive_overview.py"),
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adaptive_overview.py"),
                                      "--results-root", str(tmp_path), *a], capture_output=True, text=True, timeout=300)
     done = run("--grids", "g300,g600")
     assert done.returncode == 0, done.stderr

@@ -183,7 +183,7 @@ def test_logits_alone_same_logits_and_gradients_for_less_work(model_type):
 @pytest.mark.slow
 def test_layer_remat_lowers_the_compiled_step_memory():
     # What XLA allocates, not what JAX hands it: a recomputation that may run early (in the forward
-    # pass) saves nothing. Before the gradient gate (model._gated_backward) "qkv" and "full" left this
+    # pass) saves nothing. Before the gradient gate (compiler._gated_backward) "qkv" and "full" left this
     # at "none"'s on the CPU, or above it.
     base = dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                 intermediate_size=128, max_position_embeddings=130)

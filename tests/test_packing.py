@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from lora_jax import batching
+
 from lora_jax import data as data_lib
 from lora_jax import packing
 from lora_jax.model import ModelConfig, forward, init_params
@@ -72,7 +74,7 @@ def test_packed_rows_give_the_same_logits_and_gradients(model_type, remat, layou
     if model_type == "roberta":  # one token type, and RoBERTa's pad id
         enc = data_lib.Encoded(enc.ids, [np.zeros_like(t) for t in enc.type_ids], enc.labels, pad_id=1)
     idx = np.array([6, 1, 4, 0, 7, 3, 2, 5])
-    one_per_row = data_lib.collate(enc, idx, (16,), len(idx))
+    one_per_row = batching.collate(enc, idx, (16,), len(idx))
 
     @partial(jax.jit, static_argnums=2)
     @partial(jax.value_and_grad, has_aux=True)
@@ -113,8 +115,8 @@ def test_random_batches_have_the_label_spread_of_a_shuffle_and_length_grouped_on
         return 2 * min(stats.chi2.cdf(chi2, len(means) - 1), stats.chi2.sf(chi2, len(means) - 1))
 
     for epoch in range(3):
-        assert p_value(data_lib.train_order(lengths, b, seed=0, epoch=epoch, batching="random")) > 1e-3
-        assert p_value(data_lib.train_order(lengths, b, seed=0, epoch=epoch, batching="by-length")) < 1e-6
+        assert p_value(batching.train_order(lengths, b, seed=0, epoch=epoch, batching="random")) > 1e-3
+        assert p_value(batching.train_order(lengths, b, seed=0, epoch=epoch, batching="by-length")) < 1e-6
 
 
 @pytest.mark.parametrize("high", [41, 120])

@@ -1,5 +1,5 @@
 """lora-jax and the PyTorch reference implement the same training: started from the same values
-(``scripts/train_torch.py --same-init``) with dropout off, their per-step losses agree up to float
+(``benchmarks/train_torch.py --same-init``) with dropout off, their per-step losses agree up to float
 rounding over a whole run (warm-up, decay, clipping, weight decay and LoRA's scale included)."""
 
 import json
@@ -29,7 +29,8 @@ def _losses(run_dir) -> np.ndarray:
 
 
 def _run(script: str, out, common: list[str], *extra: str) -> np.ndarray:
-    cmd = [sys.executable, str(ROOT / "scripts" / script), *common, "--output-dir", str(out), *extra]
+    where = "scripts" if script == "train.py" else "benchmarks"
+    cmd = [sys.executable, str(ROOT / where / script), *common, "--output-dir", str(out), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return _losses(out)
@@ -63,7 +64,7 @@ def test_same_init_and_no_dropout_give_the_same_loss_curve(method, no_dropout_be
 
 
 def test_same_init_rejects_adalora(no_dropout_bert, glue_dir, tmp_path):
-    cmd = [sys.executable, str(ROOT / "scripts" / "train_torch.py"), "--task", "rte", "--model", str(no_dropout_bert),
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_torch.py"), "--task", "rte", "--model", str(no_dropout_bert),
            "--data-dir", str(glue_dir), "--method", "adalora", "--same-init", "--output-dir", str(tmp_path / "x")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
@@ -71,9 +72,9 @@ def test_same_init_rejects_adalora(no_dropout_bert, glue_dir, tmp_path):
 
 
 def test_compare_reference_script(tiny_bert_dir, glue_dir, tmp_path):
-    """scripts/compare_reference.py on the tiny model (dropout 0.1): dropout off, the curves agree; on, the
+    """benchmarks/compare_reference.py on the tiny model (dropout 0.1): dropout off, the curves agree; on, the
     two frameworks' masks differ and so do the curves. A rerun finds the finished runs and reuses them."""
-    cmd = [sys.executable, str(ROOT / "scripts" / "compare_reference.py"), "--task", "rte", "--model",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compare_reference.py"), "--task", "rte", "--model",
            str(tiny_bert_dir), "--data-dir", str(glue_dir), "--methods", "lora-qv-r8", "--max-steps", "6",
            "--lr", "1e-2", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--",
            "--batch-size", "4", "--max-seq-len", "32", "--num-buckets", "0"]
@@ -97,7 +98,7 @@ def test_compare_reference_script(tiny_bert_dir, glue_dir, tmp_path):
     (["--model", "/nonexistent"], "--model"),
 ])
 def test_compare_reference_bad_input(flags, message, tmp_path):
-    cmd = [sys.executable, str(ROOT / "scripts" / "compare_reference.py"), "--runs", str(tmp_path), *flags]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compare_reference.py"), "--runs", str(tmp_path), *flags]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and message in done.stderr
 

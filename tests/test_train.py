@@ -8,10 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lora_jax import batching
+
 from lora_jax import data as data_lib
 from lora_jax.config import TrainConfig
-from lora_jax.train import (PerShape, TrainingDiverged, fit, init_state, make_optimizer, make_train_step, setup,
-                            total_steps)
+from lora_jax.optim import make_optimizer
+from lora_jax.prepare import init_state, setup, total_steps
+from lora_jax.train import TrainingDiverged, fit
+from lora_jax.train_step import PerShape, make_train_step
 
 
 def tiny_cfg(model_dir, glue_dir, tmp_path, **kw) -> TrainConfig:
@@ -28,9 +32,9 @@ def run_steps(cfg, n, mode="factored"):
     trainable_before = {k: np.array(v) for k, v in s.trainable.items()}
     step = PerShape(make_train_step(s.mcfg, s.lcfg, optimizer, mode=mode, regression=s.task.is_regression))
     losses = []
-    batches = data_lib.train_order(s.train.lengths, cfg.batch_size, seed=0, epoch=0)
+    batches = batching.train_order(s.train.lengths, cfg.batch_size, seed=0, epoch=0)
     for i in range(n):
-        b = data_lib.collate(s.train, batches[i % len(batches)], s.buckets, cfg.batch_size)
+        b = batching.collate(s.train, batches[i % len(batches)], s.buckets, cfg.batch_size)
         state, m = step(state, s.frozen, {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")})
         losses.append(float(m["loss"]))
     return s, state, frozen_before, trainable_before, losses, step
@@ -101,7 +105,7 @@ def test_no_buckets_pads_every_batch_to_max_seq_len(tiny_bert_dir, glue_dir, tmp
 
 
 def test_schedule_and_decay_mask(tiny_bert_dir, glue_dir, tmp_path):
-    from lora_jax.train import no_weight_decay, schedule
+    from lora_jax.optim import no_weight_decay, schedule
     sched = schedule(1.0, 100, 0.1)
     assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(1.0) and float(sched(100)) == pytest.approx(0.0)
     assert no_weight_decay("params/classifier/bias") and no_weight_decay("params/embeddings/LayerNorm/scale")
@@ -181,7 +185,8 @@ def test_bf16_base_keeps_no_float32_weight_copies_for_backward(mode):
     from lora_jax import lora
     from lora_jax.model import ModelConfig, init_params
     from lora_jax.profiling import saved_for_backward_bytes
-    from lora_jax.train import make_loss_fn, split_for_training
+    from lora_jax.prepare import split_for_training
+    from lora_jax.train_step import make_loss_fn
 
     mcfg = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=64, max_position_embeddings=40)
@@ -261,7 +266,7 @@ def test_resuming_a_run_from_before_packing_asks_for_its_batching(tmp_path):
     """A run's config.json written before --batching existed was trained on length-grouped batches:
     --resume must not continue it on packed ones."""
     from lora_jax.rundir import MARKER, RunError
-    from lora_jax.train import _check_resumable
+    from lora_jax.rundir import check_resumable as _check_resumable
 
     old = {k: v for k, v in TrainConfig().to_dict().items() if k != "batching"}
     (tmp_path / "config.json").write_text(json.dumps(old))

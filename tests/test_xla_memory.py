@@ -11,7 +11,9 @@ import pytest
 from lora_jax import lora
 from lora_jax.config import ConfigValueError, TrainConfig
 from lora_jax.model import ModelConfig, init_params
-from lora_jax.train import XLA_CPU_SCHEDULERS, compiler_options, make_loss_fn, split_for_training
+from lora_jax.config import XLA_CPU_SCHEDULERS
+from lora_jax.prepare import split_for_training
+from lora_jax.train_step import compiler_options, make_loss_fn
 
 B, T, H = 8, 128, 32
 ACTIVATION = B * T * H * 4  # bytes of one float32 (B, T, H) array
@@ -45,7 +47,7 @@ def lora_grad_instructions(layers: int, remat: str, **kw) -> int:
 @pytest.mark.slow
 def test_full_remat_keeps_about_one_activation_per_layer():
     # With every layer recomputed, a layer more should cost about its saved input. Before the
-    # gradient passed between layers went through an unfusable identity (model._gated_backward),
+    # gradient passed between layers went through an unfusable identity (compiler._gated_backward),
     # XLA's CPU fusion copied the residual gradient's elementwise chain into its consumers and each
     # extra layer cost 8.25 activations here.
     per_layer = (lora_grad_temp_bytes(8, "full") - lora_grad_temp_bytes(4, "full")) / 4
@@ -57,7 +59,7 @@ def test_full_remat_with_the_memory_scheduler_keeps_about_one_activation_per_lay
     # The LoRA factors' gradient dots (small outputs, (B·T, H) inputs) had no consumer before the end
     # of the program, and XLA:CPU's memory-optimised scheduler ran them there, keeping two (B·T, H)
     # arrays per layer alive to the end: 2.28 activations per layer here, 880 instead of 751 MiB for
-    # roberta-base's LoRA step. model._gated_backward now ties them into the gradient it hands down.
+    # roberta-base's LoRA step. compiler._gated_backward now ties them into the gradient it hands down.
     per_layer = (lora_grad_temp_bytes(8, "full", scheduler="memory")
                  - lora_grad_temp_bytes(4, "full", scheduler="memory")) / 4
     assert per_layer < 1.5 * ACTIVATION, per_layer / ACTIVATION
@@ -84,7 +86,7 @@ def test_scheduler_options():
 @pytest.mark.slow
 def test_each_layer_adds_the_same_work_without_layer_remat():
     # The default policy keeps layers whole. Before the gradient passed between them went through an
-    # unfusable identity (model._unfused_gradient), XLA's CPU fusion copied the residual gradient's
+    # unfusable identity (compiler.unfused_gradient), XLA's CPU fusion copied the residual gradient's
     # elementwise chain into each consumer, deeper for the first layers: here a layer cost 2,556
     # instructions from 2 to 4 layers and 3,275 from 4 to 8 (1.28x); roberta-base's LoRA step with
     # --remat cheap took 6.15 s, then 4.85 s (results/bench/roberta-b16-s128-cpu-{dropout16,gate}.md).

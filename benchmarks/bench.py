@@ -9,8 +9,8 @@ cuda.synchronize), examples/s, trainable parameters, peak memory (GPU: JAX
 memory_stats peak / torch max_memory_allocated; CPU: XLA's compiled memory
 analysis for JAX and the process's peak RSS for both).
 
-    python scripts/bench.py                       # the default grid, writes results/bench/
-    python scripts/bench.py --steps 3 --warmup 1  # quicker
+    python benchmarks/bench.py                       # the default grid, writes results/bench/
+    python benchmarks/bench.py --steps 3 --warmup 1  # quicker
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import common
+from common import ROOT
 DEFAULT_CONFIG = ROOT.parent / "shared" / "models" / "roberta-base-tokenizer"
 
 # (framework, method, variant): variants are lora-jax memory/speed levers.
@@ -123,7 +124,9 @@ def run_jax(cell: dict) -> dict:
     from lora_jax.cli import enable_compile_cache
     from lora_jax.config import TrainConfig
     from lora_jax.model import init_params
-    from lora_jax.train import make_loss_fn, make_optimizer, make_train_step, new_state, split_for_training
+    from lora_jax.optim import make_optimizer
+    from lora_jax.prepare import split_for_training
+    from lora_jax.train_step import make_loss_fn, make_train_step, new_state
 
     enable_compile_cache(cell.get("compile_cache"))
     variant, scheduler = split_variant(cell["variant"])
@@ -196,80 +199,12 @@ def run_jax(cell: dict) -> dict:
     }
 
 
-def torch_step(cell: dict):
-    """PyTorch transformers (+ peft LoRA r = 8, alpha 16 on query and value) on random weights and tokens of
-    the cell's shape: returns ``step()`` (one AdamW step; returns the loss as a float, which waits for
-    the step) with ``step.model`` and ``step.params`` (the trained parameters) attached."""
-    import torch
-    import transformers
-
-    cuda = torch.cuda.is_available()
-    dev = torch.device("cuda" if cuda else "cpu")
-    torch.manual_seed(0)
-    config = transformers.AutoConfig.from_pretrained(cell["config"], num_labels=2)
-    model = transformers.AutoModelForSequenceClassification.from_config(config)
-    if cell["method"] == "lora":
-        import peft
-
-        model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
-                                                           target_modules=["query", "value"]))
-    if cell["variant"] == "remat":
-        # Non-reentrant: the reentrant form passes no gradient to LoRA factors inside a checkpointed
-        # layer when the layer's input (from frozen embeddings) needs none.
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # the newer name; the old one warns there
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.to(dev).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    b, t = cell["batch"], cell["seq"]
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, config.vocab_size, (b, t), generator=g).to(dev)
-    mask = torch.ones_like(ids)
-    labels = torch.randint(0, 2, (b,), generator=g).to(dev)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cell["variant"] == "bf16")
-
-    def step() -> float:
-        with autocast:
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        value = loss.item()  # waits for the step (and synchronises on GPU)
-        if cuda:
-            torch.cuda.synchronize()
-        return value
-
-    def saved_bytes() -> int:
-        """Bytes of the tensors autograd keeps from one forward pass for the backward pass, the
-        parameters not counted; each storage once (views share their base's)."""
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        storages = {}
-
-        def pack(tensor):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in weights:
-                storages[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.zero_grad(set_to_none=True)
-        return sum(storages.values())
-
-    step.model, step.params, step.saved_bytes = model, params, saved_bytes
-    return step
-
-
 def run_torch(cell: dict) -> dict:
     import torch
     import transformers
 
     cuda = torch.cuda.is_available()
-    step = torch_step(cell)
+    step = common.torch_step(cell)
     saved = step.saved_bytes()
     times = []
     for i in range(cell["warmup"] + cell["steps"]):
@@ -303,7 +238,7 @@ def run_torch(cell: dict) -> dict:
 
 
 def run_cell(cell: dict, timeout: int, preallocate: bool = False) -> dict:
-    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": str(preallocate).lower(), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": str(preallocate).lower()}
     try:
         proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps(cell)], capture_output=True,
                               text=True, env=env, timeout=timeout)
@@ -343,9 +278,7 @@ def ratio(a, b, key):
 def markdown(rows: list[dict], meta: dict) -> str:
     mib = lambda n: "unmeasured" if n is None else f"{n / 2**20:,.0f}"
     lines = [
-        f"# Train-step benchmark ({meta['date']})",
-        "",
-        f"Command: `{meta['command']}`  ",
+        *common.header("Train-step benchmark", date=meta["date"], command=meta["command"])[:-1],
         f"Cells run: {meta['cells_run']}  ",
         f"Device: {meta['device']}; shape: {meta['shape']}; {meta['steps']} timed steps after {meta['warmup']} "
         "warm-up steps, median reported. Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
@@ -517,15 +450,8 @@ def main() -> int:
                   f"{', '.join(TORCH_VARIANTS)}",
                   file=sys.stderr)
             return 2
-    if args.compile_cache:
-        from lora_jax.cli import ConfigValueError, enable_compile_cache
-
-        try:  # here, so that a bad DIR fails once, not in every cell (this only imports JAX, starts no device)
-            enable_compile_cache(args.compile_cache)
-        except ConfigValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        args.compile_cache = str(Path(args.compile_cache).expanduser().resolve())
+    # Here, so that a bad DIR fails once, not in every cell (this only imports JAX, starts no device).
+    args.compile_cache = common.compile_cache(args.compile_cache)
     import datetime
 
     from lora_jax.report import write_text
@@ -543,7 +469,7 @@ def main() -> int:
         for r in rows:
             versions.update(r.get("versions", {}))
         meta = {
-            "command": " ".join(["python", "scripts/bench.py", *sys.argv[1:]]),
+            "command": common.command(__file__),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": f"{dev.get('platform')} ({dev.get('device_kind')}, host {dev.get('host')})",
             "shape": f"{model_name} config from {args.config}, batch {args.batch}, seq {args.seq}",

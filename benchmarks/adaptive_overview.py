@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Every AdaLoRA-vs-LoRA grid in one table and one plot: results/adaptive/overview.{md,png}.
 
-Reads results/<grid>/summary.json of each grid (written by scripts/grid.py), pairs each AdaLoRA
+Reads results/<grid>/summary.json of each grid (written by benchmarks/grid.py), pairs each AdaLoRA
 method with LoRA on every linear layer at the same final mean rank (``lora-all-rN``, the
 scale-1 setting), and groups the pairs by recipe and run length: for each group, the mean Δ
 (AdaLoRA median minus LoRA median) over its task x budget pairs, the issue's accuracy target.
 
-    python scripts/adaptive_overview.py                       # every results/adaptive*/ grid
-    python scripts/adaptive_overview.py --grids adaptive-rte-s16-600,adaptive-sst2-s16-600
+    python benchmarks/adaptive_overview.py                       # every results/adaptive*/ grid
+    python benchmarks/adaptive_overview.py --grids adaptive-rte-s16-600,adaptive-sst2-s16-600
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT
 
 
 def run_length(command: str) -> str:
@@ -72,7 +71,7 @@ def main() -> int:
     for name in names:
         f = root / name / "summary.json"
         if not f.is_file():
-            print(f"error: {f} not found: run scripts/grid.py --name {name} first", file=sys.stderr)
+            print(f"error: {f} not found: run benchmarks/grid.py --name {name} first", file=sys.stderr)
             return 2
         rows += rows_of(name, json.loads(f.read_text()))
     if not rows:
@@ -82,7 +81,7 @@ def main() -> int:
     out = Path(args.out) if args.out else root / "adaptive"
     fmt = lambda s: f"{s['median']:.4f} [{s['min']:.4f}-{s['max']:.4f}]"
     lines = ["# AdaLoRA against LoRA at the same final budget: every grid", "",
-             "Written by `python scripts/adaptive_overview.py` from each grid's `summary.json` (its command, "
+             "Written by `python benchmarks/adaptive_overview.py` from each grid's `summary.json` (its command, "
              "versions, device and date are there). AdaLoRA (`adalora-tN...`: initial rank 1.5N, final mean rank N, "
              "every linear layer) against LoRA r = N on every linear layer, scale 1 (`lora-all-rN`), in the same "
              "grid. Dev metric: median [min-max] over seeds; Δ: AdaLoRA's median minus LoRA's. Trained "

@@ -4,10 +4,10 @@
 # for a user with a GPU and the Hugging Face Hub. Resumable: run it again and finished tasks are
 # skipped, a stopped one continues from its newest checkpoint. Summary: results/paper-roberta-base/.
 #
-#   bash scripts/reproduce_paper.sh                      # all eight tasks, seed 0, data from the Hub
-#   GLUE_DIR=/data/glue SEEDS=0,1,2 bash scripts/reproduce_paper.sh
-#   WARM_START=mnli bash scripts/reproduce_paper.sh      # MRPC, RTE, STS-B start from the MNLI adapter
-#   TASKS=rte,mrpc bash scripts/reproduce_paper.sh       # a subset
+#   bash benchmarks/reproduce_paper.sh                      # all eight tasks, seed 0, data from the Hub
+#   GLUE_DIR=/data/glue SEEDS=0,1,2 bash benchmarks/reproduce_paper.sh
+#   WARM_START=mnli bash benchmarks/reproduce_paper.sh      # MRPC, RTE, STS-B start from the MNLI adapter
+#   TASKS=rte,mrpc bash benchmarks/reproduce_paper.sh       # a subset
 #   EXTRA="--max-steps 20" RUNS=/tmp/r RESULTS=/tmp/s ... # more train.py flags; other directories
 #
 # Expected time per task and seed (lower bounds: the examples the paper's epochs go through at the
@@ -33,4 +33,4 @@ fi
 [[ -n "${RUNS:-}" ]] && args+=(--runs "$RUNS")
 [[ -n "${RESULTS:-}" ]] && args+=(--results "$RESULTS")
 # shellcheck disable=SC2086  # EXTRA is a list of flags
-exec "$PY" scripts/grid.py "${args[@]}" -- ${EXTRA:-}
+exec "$PY" benchmarks/grid.py "${args[@]}" -- ${EXTRA:-}

@@ -9,7 +9,7 @@ by the HLO op's source (its `op_name` metadata, e.g. `.../attention/self/Dropout
 PyTorch ops by their `aten::` name (self time). Profilers add overhead: compare shares and
 the classes' ms between frameworks, not the totals with unprofiled step times.
 
-    python scripts/profile_step.py --config ../shared/models/all-MiniLM-L6-v2 --seq 128
+    python benchmarks/profile_step.py --config ../shared/models/all-MiniLM-L6-v2 --seq 128
     # -> results/profile/<model>-b16-s128-<platform>.{json,md}
 """
 
@@ -27,8 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+import common
+from common import ROOT
 
 CLASSES = ("matmul", "attention softmax/mask/scale", "dropout", "LayerNorm", "GELU", "layout copies",
            "optimizer", "embeddings", "other")
@@ -85,7 +85,9 @@ def profile_jax(args) -> dict:
     from lora_jax import lora, weights
     from lora_jax.config import TrainConfig
     from lora_jax.model import init_params
-    from lora_jax.train import make_optimizer, make_train_step, new_state, split_for_training
+    from lora_jax.optim import make_optimizer
+    from lora_jax.prepare import split_for_training
+    from lora_jax.train_step import make_train_step, new_state
 
     mcfg = weights.read_config(Path(args.config), num_labels=2)
     params = init_params(mcfg, jax.random.key(0))
@@ -127,13 +129,12 @@ def profile_jax(args) -> dict:
 
 
 def profile_torch(args) -> dict:
-    import bench  # scripts/bench.py: the same model and peft setup as the benchmark's torch cells
     import torch
 
     ms = collections.Counter()
     cell = {"framework": "torch", "method": "lora", "variant": "fp32", "config": args.config,
             "batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": 0}
-    step = bench.torch_step(cell)
+    step = common.torch_step(cell)  # the same model and peft setup as bench.py's torch cells
     for _ in range(args.warmup):
         step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -145,8 +146,8 @@ def profile_torch(args) -> dict:
 
 
 def markdown(record: dict) -> str:
-    lines = [f"# Train-step profile: {record['shape']} ({record['date']})", "",
-             f"Command: `{record['command']}`  ", f"Device: {record['device']}; versions {record['versions']}.", "",
+    lines = [*common.header(f"Train-step profile: {record['shape']}", date=record["date"], command=record["command"],
+                            device=record["device"], versions=record["versions"]),
              "ms per step by class, under the profiler (which slows both). lora-jax: XLA kernels classed by "
              "their HLO source; PyTorch: aten ops' self time.", "",
              "| class | lora-jax ms | share | PyTorch + peft ms | share | jax / torch |", "|---|---:|---:|---:|---:|---:|"]
@@ -194,7 +195,7 @@ def main() -> int:
     model = json.loads((Path(args.config) / "config.json").read_text()).get("model_type", "model")
     dev = profiling.device_info()
     record.update({
-        "command": " ".join(["python", "scripts/profile_step.py", *sys.argv[1:]]),
+        "command": common.command(__file__),
         "date": profiling.now(),
         "device": f"{dev['platform']} ({dev['device_kind']}, host {dev['host']})",
         "shape": f"{os.path.basename(os.path.normpath(args.config))} ({model}), LoRA r = 8 on q, v, "

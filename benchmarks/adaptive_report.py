@@ -2,11 +2,11 @@
 """AdaLoRA against fixed-rank LoRA from a grid's summary: results/<name>/analysis.md (+ PNG).
 
 Reads results/<name>/summary.json and the per-run final ranks in results/<name>/ranks/
-(both written by scripts/grid.py) and writes: AdaLoRA vs LoRA at the same final
+(both written by benchmarks/grid.py) and writes: AdaLoRA vs LoRA at the same final
 budget (the mean rank per matrix equal), the step-time ratio within the grid,
 and where AdaLoRA put its rank, by matrix type and by layer, averaged over runs.
 
-    python scripts/adaptive_report.py --name adaptive
+    python benchmarks/adaptive_report.py --name adaptive
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT
 
 def pairs(methods) -> list[tuple[str, str]]:
     """(AdaLoRA method, LoRA method at the same final mean rank on every linear layer).
@@ -54,7 +53,7 @@ def main() -> int:
 
     d = Path(args.results) if args.results else ROOT / "results" / args.name
     if not (d / "summary.json").is_file():
-        print(f"error: {d}/summary.json not found: run scripts/grid.py --name {args.name} first", file=sys.stderr)
+        print(f"error: {d}/summary.json not found: run benchmarks/grid.py --name {args.name} first", file=sys.stderr)
         return 2
     summary = json.loads((d / "summary.json").read_text())
     cells = {(c["task"], c["method"]): c for c in summary["cells"]}

@@ -4,7 +4,7 @@
 In the study the two frameworks differ in three random things: the head's initial
 weights, LoRA's initial A, and dropout masks. This script removes them one at a
 time: for each method it trains lora-jax (`scripts/train.py`) and PyTorch
-(`scripts/train_torch.py --same-init`: lora-jax's initial head and adapters) from
+(`benchmarks/train_torch.py --same-init`: lora-jax's initial head and adapters) from
 identical values, once with the model's dropout off and once with it on, and
 compares their loss at every step and their dev metrics. With dropout off the
 curves should agree up to float rounding; what is left with dropout on is the
@@ -13,7 +13,7 @@ effect of the masks alone.
 Dropout off means a copy of the model directory (links to its files) whose
 config.json sets the dropout probabilities to 0; both frameworks read it.
 
-    python scripts/compare_reference.py --task rte --methods full,lora-qv-r8 --epochs 1 -- --num-buckets 4
+    python benchmarks/compare_reference.py --task rte --methods full,lora-qv-r8 --epochs 1 -- --num-buckets 4
 
 Writes results/<name>/compare.json, compare.md and curves.png (default name: same-init).
 """
@@ -30,11 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from grid import METHODS, SHARED, torch_flags  # noqa: E402
+import common
+from common import METHODS, ROOT, SHARED, torch_flags
 
 
 def without_dropout(model: Path, where: Path) -> Path:
@@ -66,25 +63,23 @@ def losses(run: Path) -> np.ndarray:
 def run(script: str, flags: list[str], out: Path) -> dict:
     if (out / "report.json").is_file():  # finished earlier: a rerun of the command resumes the comparison
         return json.loads((out / "report.json").read_text())
-    cmd = [sys.executable, str(ROOT / "scripts" / script), *flags, "--output-dir", str(out), "--no-progress",
+    cmd = [sys.executable, str(common.script_path(script)), *flags, "--output-dir", str(out), "--no-progress",
            "--overwrite"]
     print(f"  {script} {' '.join(flags)}", file=sys.stderr, flush=True)
     t0 = time.time()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        raise SystemExit(f"error: {script} failed ({done.returncode}): {tail[0]}")
+    try:
+        common.run(cmd)
+    except common.Failed as e:
+        raise SystemExit(f"error: {script} failed: {e}") from None
     print(f"  done in {time.time() - t0:.0f} s", file=sys.stderr)
-    return json.loads((out / "report.json").read_text())
+    return common.report_of(out)
 
 
 def markdown(record: dict) -> str:
     lines = [
-        f"# lora-jax and PyTorch from the same initial values ({record['date']})",
-        "",
-        f"Command: `{record['command']}`  ",
-        f"Model `{record['model']}`, task {record['task']}, seed {record['seed']}; device {record['device']}; "
-        "versions " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + ".",
+        *common.header("lora-jax and PyTorch from the same initial values", date=record["date"],
+                       command=record["command"], device=record["device"], versions=record["versions"]),
+        f"Model `{record['model']}`, task {record['task']}, seed {record['seed']}.",
         "",
         "Both frameworks start from lora-jax's initial head and LoRA factors (`train_torch.py --same-init`) and "
         "see the same batches in the same order. |Δ loss| is the absolute difference of the two training losses "
@@ -127,7 +122,7 @@ def plot(curves: dict, path: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="rte")
-    p.add_argument("--methods", default="full,lora-qv-r8", help="grid method names (scripts/grid.py), no AdaLoRA")
+    p.add_argument("--methods", default="full,lora-qv-r8", help="grid method names (benchmarks/grid.py), no AdaLoRA")
     p.add_argument("--model", default=str(SHARED / "models" / "all-MiniLM-L6-v2"))
     p.add_argument("--data-dir", default=str(SHARED / "data" / "glue"))
     p.add_argument("--seed", type=int, default=0)
@@ -164,13 +159,13 @@ def main() -> int:
     rows, curves, reports = [], {}, []
     for method in methods:
         for dropout in settings:
-            common = ["--task", args.task, "--model", str(models[dropout]), "--data-dir", args.data_dir,
+            shared_flags = ["--task", args.task, "--model", str(models[dropout]), "--data-dir", args.data_dir,
                       "--seed", str(args.seed), "--lr", str(args.lr_full if method == "full" else args.lr),
                       *args.extra]
-            common += ["--max-steps", str(args.max_steps)] if args.max_steps else ["--epochs", str(args.epochs)]
+            shared_flags += ["--max-steps", str(args.max_steps)] if args.max_steps else ["--epochs", str(args.epochs)]
             cell = runs / method / f"dropout-{dropout}"
-            ours = run("train.py", [*common, *METHODS[method], "--log-every", "1"], cell / "jax")
-            theirs = run("train_torch.py", [*common, *torch_flags(method), "--same-init"], cell / "torch")
+            ours = run("train.py", [*shared_flags, *METHODS[method], "--log-every", "1"], cell / "jax")
+            theirs = run("train_torch.py", [*shared_flags, *torch_flags(method), "--same-init"], cell / "torch")
             a, b = losses(cell / "jax"), losses(cell / "torch")
             diff = np.abs(a - b)
             above = np.nonzero(diff > 1e-3)[0]
@@ -191,7 +186,7 @@ def main() -> int:
 
     torch_versions = profiling.versions("torch", "transformers", "peft")
     record = {
-        "command": " ".join(["python", "scripts/compare_reference.py", *sys.argv[1:]]),
+        "command": common.command(__file__),
         "date": profiling.now(),
         "task": args.task, "seed": args.seed,
         "model": os.path.relpath(model, ROOT),

@@ -7,7 +7,7 @@ stopped by block_until_ready, the two timed in turns. The default shapes are rob
 batch 16, sequence 128: the attention probabilities (B, heads, T, T) and a hidden state (B, T, H).
 Writes ``OUT/dropout-<device>.json`` and ``.md``.
 
-    python scripts/bench_dropout.py
+    python benchmarks/bench_dropout.py
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import common
+from common import ROOT
 
 
 def parse_shapes(text: str) -> list[tuple[int, ...]]:
@@ -78,13 +78,11 @@ def main() -> int:
             rows.append({"shape": list(shape), "impl": name, "median_ms": 1e3 * profiling.median(times[name]),
                          "kept": keep[name]})
 
-    meta = {"command": " ".join(["python", "scripts/bench_dropout.py", *sys.argv[1:]]), "date": profiling.now(),
+    meta = {"command": common.command(__file__), "date": profiling.now(),
             "device": profiling.device_info(), "versions": profiling.versions("jax", "jaxlib", "flax"),
             "rate": rate, "calls": args.calls, "warmup": args.warmup}
-    lines = [f"# Dropout mask + select, rate {rate} ({meta['date']})", "",
-             f"Command: `{meta['command']}`  ",
-             f"Device: {meta['device']['platform']} ({meta['device']['device_kind']}); versions "
-             + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".", "",
+    lines = [*common.header(f"Dropout mask + select, rate {rate}", date=meta["date"], command=meta["command"],
+                            device=meta["device"], versions=meta["versions"]),
              f"Median of {args.calls} jitted calls after {args.warmup} warm-up, the two in turns; "
              "`kept`: the share of non-zero outputs in the last call.", "",
              "| shape | jax.random.bernoulli ms | lora_jax.dropout ms | ratio | kept (ours) |",

@@ -8,7 +8,7 @@ non-zero B, random heads); sequence length fixed. Median over timed calls after 
 stopped by block_until_ready; the cells of one batch size are timed in rounds, one call each in turn. Also the memory of one base + N adapters against N merged models,
 computed from parameter counts in float32 (not measured).
 
-    python scripts/bench_inference.py --config ../shared/models/all-MiniLM-L6-v2
+    python benchmarks/bench_inference.py --config ../shared/models/all-MiniLM-L6-v2
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import common
+from common import ROOT
 
 
 def main() -> int:
@@ -138,11 +138,11 @@ def main() -> int:
                "merged_models_bytes": 4 * n * n_base} for n in (1, 8, 64)]
     dev = profiling.device_info()
     stem = args.name or f"{mcfg.model_type}-h{mcfg.hidden_size}-{dev['platform']}"
-    meta = {"command": " ".join(["python", "scripts/bench_inference.py", *sys.argv[1:]]),
+    meta = {"command": common.command(__file__),
             "date": profiling.now(), "device": dev, "versions": profiling.versions("jax", "jaxlib", "flax"),
             "config": args.config, "calls": args.calls, "warmup": args.warmup}
     mib = lambda n: f"{n / 2**20:,.1f}"
-    md = [f"# Inference ({meta['date']})", "", f"Command: `{meta['command']}`  ",
+    md = [*common.header("Inference", date=meta["date"], command=meta["command"])[:-1],
           f"Device: {dev['platform']} ({dev['device_kind']}); {mcfg.model_type}, hidden {mcfg.hidden_size}, "
           f"{mcfg.num_hidden_layers} layers; LoRA r = 8 on query/value; median of {args.calls} calls after "
           f"{args.warmup} warm-up, the cells of a batch size timed in turn, one call each per round (the "

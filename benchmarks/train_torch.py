@@ -10,9 +10,9 @@ same: the random initialisation of the head and of LoRA's A, and dropout masks.
 
 Writes report.json with the keys lora-jax's report uses (metrics, trainable
 parameters, adapter size, examples/s, step time, peak RSS, wall time), so that
-scripts/grid.py summarises both frameworks alike.
+benchmarks/grid.py summarises both frameworks alike.
 
-    python scripts/train_torch.py --task mrpc --method lora --targets qv --lora-rank 8 --max-steps 100 --output-dir runs/torch-mrpc
+    python benchmarks/train_torch.py --task mrpc --method lora --targets qv --lora-rank 8 --max-steps 100 --output-dir runs/torch-mrpc
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT
 
 # peft module names for our target presets (BERT / RoBERTa layer names).
 PEFT_TARGETS = {
@@ -65,7 +64,7 @@ def load_same_init(model, args, num_labels: int) -> None:
     """
     import torch
 
-    from lora_jax import train as train_lib
+    from lora_jax import prepare
     from lora_jax import weights
     from lora_jax.config import TrainConfig
 
@@ -74,7 +73,7 @@ def load_same_init(model, args, num_labels: int) -> None:
                       lora_dropout=args.lora_dropout, seed=args.seed, max_seq_len=args.max_seq_len)
     model_dir = weights.resolve(args.model)
     mcfg = weights.read_config(model_dir, num_labels=num_labels)
-    _, trainable, *_ = train_lib.initial_trainable(cfg, model_dir, mcfg)
+    _, trainable, *_ = prepare.initial_trainable(cfg, model_dir, mcfg)
 
     def ours(torch_name: str) -> str:
         # peft's names -> the plain module names our paths map to
@@ -135,7 +134,7 @@ def main() -> int:
     p.add_argument("--max-seq-len", type=int, default=128)
     p.add_argument("--max-train-examples", type=int)
     p.add_argument("--num-buckets", type=int, help="0: pad every training batch to --max-seq-len (the static-shape "
-                   "baseline); otherwise accepted for scripts/grid.py and unused: each batch is padded to its "
+                   "baseline); otherwise accepted for benchmarks/grid.py and unused: each batch is padded to its "
                    "own longest example")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--same-init", action="store_true", help="start the head (and LoRA's A, B) from lora-jax's "
@@ -147,6 +146,8 @@ def main() -> int:
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
+
+    from lora_jax import batching
 
     from lora_jax import data as data_lib
     from lora_jax import metrics, profiling
@@ -302,7 +303,7 @@ def main() -> int:
                unit="step")
     while step < n_steps:
         epoch = step // spe
-        for idx in data_lib.train_order(train.lengths, args.batch_size, seed=args.seed, epoch=epoch,
+        for idx in batching.train_order(train.lengths, args.batch_size, seed=args.seed, epoch=epoch,
                                         batching=args.batching)[step % spe:]:
             if step >= n_steps:
                 break
@@ -347,7 +348,7 @@ def main() -> int:
     with torch.no_grad():
         for split, enc in dev.items():
             preds = np.zeros(len(enc), np.float32 if task.is_regression else np.int64)
-            for idx in data_lib.eval_order(enc.lengths, 64):
+            for idx in batching.eval_order(enc.lengths, 64):
                 logits = model(**tensors(enc, idx)).logits.float().cpu().numpy()
                 preds[idx] = metrics.predictions_from_logits(logits, task.is_regression)
             results[split] = {**metrics.compute(task.metrics, preds, enc.labels),

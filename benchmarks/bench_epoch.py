@@ -3,7 +3,7 @@
 
 Runs one training epoch of a GLUE task (default SST-2, MiniLM, LoRA r = 8 on q, v, batch 32)
 several ways, each a real training run in its own subprocess (`scripts/train.py` or
-`scripts/train_torch.py`). Cells of the same sampling train on the same batches in the same
+`benchmarks/train_torch.py`). Cells of the same sampling train on the same batches in the same
 order (`data.train_order`):
 
   random batches (a shuffle cut into batches; a batch's composition does not depend on length)
@@ -23,9 +23,9 @@ included. Padding every batch to 128 is slow on CPU, so `--pad-steps N` runs the
 cells on the first N batches of the epoch's order only: the order is a random permutation
 of the epoch's batches, so their examples/s estimates the epoch's (the report says so).
 
-    python scripts/bench_epoch.py                           # results/epoch/<name>.{json,md,png}
-    python scripts/bench_epoch.py --pad-steps 300           # padded cells on a sample of the epoch
-    python scripts/bench_epoch.py --steps 20 --cells jax:packed,torch:random   # quick look
+    python benchmarks/bench_epoch.py                           # results/epoch/<name>.{json,md,png}
+    python benchmarks/bench_epoch.py --pad-steps 300           # padded cells on a sample of the epoch
+    python benchmarks/bench_epoch.py --steps 20 --cells jax:packed,torch:random   # quick look
 """
 
 from __future__ import annotations
@@ -38,15 +38,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+import common
+from common import ROOT, SHARED
 CELLS = ("jax:packed", "jax:random", "jax:pad", "torch:random", "torch:pad", "jax:by-length", "torch:by-length")
 
 
 def cell_command(cell: str, args, out: Path) -> list[str]:
     framework, layout = cell.split(":")
     script = "train.py" if framework == "jax" else "train_torch.py"
-    cmd = [sys.executable, str(ROOT / "scripts" / script), "--task", args.task, "--model", args.model,
+    cmd = [sys.executable, str(common.script_path(script)), "--task", args.task, "--model", args.model,
            "--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--lr", str(args.lr),
            "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
            "--seed", str(args.seed), "--output-dir", str(out), "--overwrite", "--no-progress"]
@@ -126,9 +126,8 @@ def cache_note(row: dict) -> str:
 def markdown(record: dict) -> str:
     rows = [r for r in record["rows"] if "error" not in r]
     lines = [
-        f"# Training throughput on {record['task']} ({record['date']})",
-        "",
-        f"Command: `{record['command']}`  ",
+        *common.header(f"Training throughput on {record['task']}", date=record["date"],
+                       command=record["command"])[:-1],
         f"Cells run: {record.get('cells_run', 'all')}  ",
         f"Device: {record['device']}; model `{record['model']}`; LoRA r = 8 on query, value; batch "
         f"{record['batch_size']}, max length {record['max_seq_len']}; versions {record['versions']}.",
@@ -226,14 +225,8 @@ def main() -> int:
             print(f"error: --{flag.replace('_', '-')} must be >= 1, got {v}", file=sys.stderr)
             return 2
 
-    if args.compile_cache:
-        from lora_jax.cli import ConfigValueError, enable_compile_cache
-
-        try:  # here, so that a bad DIR fails once, not in each cell (this only imports JAX, starts no device)
-            enable_compile_cache(args.compile_cache)
-        except ConfigValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    # Here, so that a bad DIR fails once, not in each cell; the cells get --compile-cache as written.
+    common.compile_cache(args.compile_cache)
 
     from lora_jax import profiling
     from lora_jax.report import write_text
@@ -251,7 +244,7 @@ def main() -> int:
         device = next(r["device"] for r in sorted(ok, key=lambda r: not r["cell"].startswith("jax")))
         stem = args.name or f"{args.task}-b{args.batch_size}-{device['platform']}"
         record = {
-            "command": " ".join(["python", "scripts/bench_epoch.py", *sys.argv[1:]]),
+            "command": common.command(__file__),
             "date": profiling.now(),
             "cells_run": f"{len(rows)} of {len(cells)}",
             "task": args.task,

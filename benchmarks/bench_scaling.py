@@ -12,7 +12,7 @@ table shows the overhead of sharding and of the gradient all-reduce, not a
 speed-up. On a multi-GPU machine leave it off and list device counts up to the
 number of GPUs.
 
-    python scripts/bench_scaling.py --force-cpu-devices --devices 1,2,4
+    python benchmarks/bench_scaling.py --force-cpu-devices --devices 1,2,4
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import common
+from common import ROOT
 DEFAULT_CONFIG = ROOT.parent / "shared" / "models" / "all-MiniLM-L6-v2"
 
 
@@ -35,7 +36,9 @@ def run_cell(cell: dict) -> dict:
     from lora_jax import lora, parallel, profiling, weights
     from lora_jax.config import TrainConfig
     from lora_jax.model import init_params
-    from lora_jax.train import make_optimizer, make_train_step, new_state, split_for_training
+    from lora_jax.optim import make_optimizer
+    from lora_jax.prepare import split_for_training
+    from lora_jax.train_step import make_train_step, new_state
 
     n = cell["devices"]
     if jax.device_count() < n:
@@ -83,11 +86,7 @@ def main() -> int:
     if not (Path(args.config) / "config.json").is_file():
         print(f"error: no config.json in {args.config}", file=sys.stderr)
         return 2
-    try:
-        counts = [int(x) for x in args.devices.split(",")]
-    except ValueError:
-        print(f"error: --devices must be comma-separated integers, got {args.devices!r}", file=sys.stderr)
-        return 2
+    counts = common.int_list(args.devices, "--devices")
     from tqdm.auto import tqdm
 
     from lora_jax import profiling
@@ -116,7 +115,7 @@ def main() -> int:
     out = ROOT / "results" / "scaling"
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        "command": " ".join(["python", "scripts/bench_scaling.py", *sys.argv[1:]]),
+        "command": common.command(__file__),
         "date": profiling.now(),
         "forced_cpu_devices": args.force_cpu_devices,
         "config": args.config,
@@ -125,10 +124,9 @@ def main() -> int:
     write_text(out / f"{args.name}.json", json.dumps(record, indent=2) + "\n")
     first = rows[0]
     lines = [
-        f"# Data-parallel scaling: {Path(args.config).name}, LoRA r=8 q,v, global batch {args.batch}, seq {args.seq}",
-        "",
-        f"Command: `{record['command']}`  ",
-        f"Date: {record['date']}; device: {first['device']}; versions: {first['versions']}  ",
+        *common.header(f"Data-parallel scaling: {Path(args.config).name}, LoRA r=8 q,v, global batch {args.batch}, "
+                       f"seq {args.seq}", date=record["date"], command=record["command"], device=first["device"],
+                       versions=first["versions"])[:-1],
         ("CPU split into N XLA devices sharing the same cores: this shows the cost of sharding and of the "
          "gradient all-reduce, not a speed-up." if args.force_cpu_devices else "One device per accelerator."),
         "",

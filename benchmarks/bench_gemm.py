@@ -16,8 +16,8 @@ config.json and the batch and sequence length:
 Each framework runs in its own subprocess; the clock stops after block_until_ready (JAX) or when
 PyTorch's CPU matmul returns (it is synchronous; on GPU after cuda.synchronize). Median of --repeats.
 
-    python scripts/bench_gemm.py                      # roberta-base shape, batch 16, seq 128
-    python scripts/bench_gemm.py --out /tmp/g --name quick --repeats 5
+    python benchmarks/bench_gemm.py                      # roberta-base shape, batch 16, seq 128
+    python benchmarks/bench_gemm.py --out /tmp/g --name quick --repeats 5
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import common
+from common import ROOT
 DEFAULT_CONFIG = ROOT.parent / "shared" / "models" / "roberta-base-tokenizer"
 FRAMEWORKS = ("jax", "torch")
 
@@ -150,9 +151,8 @@ def run_framework(framework: str, todo: list[dict], warmup: int, repeats: int) -
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"# Single float32 matmuls at the train step's shapes ({meta['date']})",
-        "",
-        f"Command: `{meta['command']}`  ",
+        *common.header("Single float32 matmuls at the train step's shapes", date=meta["date"],
+                       command=meta["command"])[:-1],
         f"Device: {meta['device']}; shapes: {meta['shape']}; median of {meta['repeats']} products after "
         f"{meta['warmup']} warm-up. Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         "",
@@ -215,7 +215,7 @@ def main() -> int:
     p.add_argument("--frameworks", default="jax,torch", help="comma-separated: jax, torch")
     p.add_argument("--out", default=str(ROOT / "results" / "profile"))
     p.add_argument("--name", help="output file stem (default: gemm-<model>-b<batch>-s<seq>-<platform>)")
-    p.add_argument("--step", metavar="FILE", help="a scripts/bench.py JSON whose rows counted their matmul FLOPs: "
+    p.add_argument("--step", metavar="FILE", help="a benchmarks/bench.py JSON whose rows counted their matmul FLOPs: "
                    "adds what those matmuls alone take at the rates measured here")
     p.add_argument("--run", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -262,7 +262,7 @@ def main() -> int:
     import datetime
 
     rows, versions, device = [], {}, {}
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ}
     for framework in frameworks:
         print(f"[bench_gemm] {framework}: {len(todo)} shapes ...", file=sys.stderr, flush=True)
         job = {"framework": framework, "shapes": todo, "warmup": args.warmup, "repeats": args.repeats}
@@ -281,7 +281,7 @@ def main() -> int:
             rows.append(r)
     model_name = config.get("model_type", "model")
     meta = {
-        "command": " ".join(["python", "scripts/bench_gemm.py", *sys.argv[1:]]),
+        "command": common.command(__file__),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"{device.get('platform')} ({device.get('device_kind', 'unknown kind')}, host {device.get('host')})",
         "shape": f"{model_name} config from {args.config}, batch {args.batch}, seq {args.seq}",

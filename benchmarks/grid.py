@@ -8,7 +8,7 @@ command picks the grid up where it stopped. The summary (JSON + markdown + PNG)
 goes to results/<name>/: per task and method, the dev metric's median and min-max
 over seeds, trained parameters, adapter size, step time and examples/s.
 
-    python scripts/grid.py --name adaptive --tasks mrpc,sst2 --methods lora-qv-r8,adalora-t8 --seeds 0,1,2
+    python benchmarks/grid.py --name adaptive --tasks mrpc,sst2 --methods lora-qv-r8,adalora-t8 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -22,50 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-
-# Method name -> train.py flags. LoRA scale alpha / r = 1 throughout (the LoRA paper's RoBERTa
-# setting, alpha = r = 8), AdaLoRA's alpha / initial rank = 1 likewise.
-METHODS = {
-    "full": ["--method", "full"],
-    # The LoRA paper's RoBERTa-base hyperparameters per task (Table 9): r = 8, alpha = 8 on q, v.
-    "lora-paper": ["--preset", "paper"],
-    "lora-qv-r2": ["--targets", "qv", "--lora-rank", "2", "--lora-alpha", "2"],
-    "lora-qv-r8": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8"],
-    "lora-qv-r16": ["--targets", "qv", "--lora-rank", "16", "--lora-alpha", "16"],
-    # The same with the frozen base stored in bfloat16 (the memory lever): does it keep accuracy?
-    "lora-qv-r8-bf16base": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--param-dtype", "bfloat16"],
-    # The robust-recipe study (results/robust-lora/): the batching before packing, a larger scale
-    # (rsLoRA, alpha / sqrt(r) = 5.7), LoRA+ (B's learning rate 16x A's), the head alone first.
-    "lora-qv-r8-bylength": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--batching", "by-length"],
-    "lora-qv-r8-rslora16": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "16", "--rslora"],
-    "lora-qv-r8-plus16": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--loraplus-lr-ratio", "16"],
-    "lora-qv-r8-probe": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--head-only-steps", "30"],
-    "lora-all-r2": ["--targets", "all", "--lora-rank", "2", "--lora-alpha", "2"],
-    "lora-all-r8": ["--targets", "all", "--lora-rank", "8", "--lora-alpha", "8"],
-    # LoRA at the same 16x scale as the adalora-*-s16 variants below: the comparison at equal budget
-    # then differs in the allocation only, not in the scale.
-    "lora-all-r2-s16": ["--targets", "all", "--lora-rank", "2", "--lora-alpha", "32"],
-    "lora-all-r8-s16": ["--targets", "all", "--lora-rank", "8", "--lora-alpha", "128"],
-    # AdaLoRA on every linear layer, starting at 1.5x the target mean rank (AdaLoRA's 12 -> 8 ratio).
-    "adalora-t2": ["--method", "adalora", "--targets", "all", "--adalora-init-rank", "3",
-                   "--adalora-target-rank", "2", "--lora-alpha", "3"],
-    "adalora-t8": ["--method", "adalora", "--targets", "all", "--adalora-init-rank", "12",
-                   "--adalora-target-rank", "8", "--lora-alpha", "12"],
-    # The same at 16x the scale with orthonormal P, Q: λ moves about lr per step under Adam, so at
-    # scale 1 AdaLoRA stays near the pretrained model for hundreds of steps (results/adaptive/probe-scale).
-    "adalora-t2-s16": ["--method", "adalora", "--targets", "all", "--adalora-init-rank", "3",
-                       "--adalora-target-rank", "2", "--lora-alpha", "48", "--adalora-init", "orthogonal"],
-    "adalora-t8-s16": ["--method", "adalora", "--targets", "all", "--adalora-init-rank", "12",
-                       "--adalora-target-rank", "8", "--lora-alpha", "192", "--adalora-init", "orthogonal"],
-}
-# The -s16 recipes with pruning over the third quarter of the run instead of 10%-75%: on RTE the
-# training loss stays near ln 2 for about 300 steps (two epochs) in 600- and 1200-step runs alike, so
-# the default schedule, which does most of its pruning early, ranks triplets on noise.
-METHODS.update({f"adalora-t{n}-s16-late": [*METHODS[f"adalora-t{n}-s16"], "--adalora-warmup-frac", "0.5",
-                                            "--adalora-final-frac", "0.25"] for n in (2, 8)})
-
+import common
+from common import METHODS, ROOT, SHARED, torch_flags
 
 # For context only, another model: the LoRA paper's RoBERTa-base (125M) GLUE dev results, Table 2
 # (Hu et al., 2021): (LoRA r = 8 on W_q, W_v; full fine-tuning). MNLI matched accuracy, SST-2, QNLI,
@@ -82,15 +40,6 @@ def cell_dir(runs: Path, task: str, method: str, seed: int, framework: str = "ja
     return base / task / method / f"seed{seed}"
 
 
-def torch_flags(method: str) -> list[str]:
-    """train_torch.py flags of a method (it has no AdaLoRA)."""
-    if method.startswith("adalora"):
-        raise SystemExit(f"error: the PyTorch reference has no {method}")
-    if "--param-dtype" in METHODS[method]:
-        raise SystemExit(f"error: the PyTorch reference has no bfloat16 base ({method})")
-    return METHODS[method]  # train_torch.py takes the same flags
-
-
 def run_cell(args, task: str, method: str, seed: int, framework: str = "jax") -> dict | None:
     out = cell_dir(Path(args.runs), task, method, seed, framework)
     if (out / "report.json").is_file():
@@ -98,7 +47,7 @@ def run_cell(args, task: str, method: str, seed: int, framework: str = "jax") ->
     if args.summarise_only:
         return None
     script = "train.py" if framework == "jax" else "train_torch.py"
-    cmd = [sys.executable, str(ROOT / "scripts" / script), "--task", task, "--model", args.model,
+    cmd = [sys.executable, str(common.script_path(script)), "--task", task, "--model", args.model,
            "--seed", str(seed), "--output-dir", str(out), "--no-progress",
            *(METHODS[method] if framework == "jax" else torch_flags(method))]
     if args.data_dir != "hub":
@@ -137,13 +86,13 @@ def run_cell(args, task: str, method: str, seed: int, framework: str = "jax") ->
         # load them instead (compile_time_s in its report drops; step times are unaffected).
         env.setdefault("JAX_COMPILATION_CACHE_DIR", args.compile_cache)
         env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        last = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        print(f"  failed ({done.returncode}): {last[0]}", file=sys.stderr)
+    try:
+        common.run(cmd, env=env)
+    except common.Failed as e:
+        print(f"  failed: {e}", file=sys.stderr)
         return None
     print(f"  done in {time.time() - t0:.0f} s", file=sys.stderr)
-    return json.loads((out / "report.json").read_text())
+    return common.report_of(out)
 
 
 def _stats(xs: list[float]) -> dict:
@@ -190,11 +139,9 @@ def summarise(rows: list[dict], args) -> dict:
 def markdown(record: dict) -> str:
     fmt = lambda s, f=".4f": "n/a" if not s else f"{s['median']:{f}} [{s['min']:{f}}-{s['max']:{f}}]"
     lines = [
-        f"# Grid `{record['name']}` ({record['date']})",
-        "",
-        f"Command: `{record['command']}`  ",
-        f"Runs: `{record['runs']}`; model `{record['model']}`; device {record['device']}; "
-        "versions " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + ".",
+        *common.header(f"Grid `{record['name']}`", date=record["date"], command=record["command"],
+                       device=record["device"], versions=record["versions"]),
+        f"Runs: `{record['runs']}`; model `{record['model']}`.",
         "",
         "Dev metric at the end of training: median [min-max] over seeds. Trivial: the seeds that ended at the "
         "trivial solution (at least 95% of dev predictions one class, or a regression's predictions varying less "
@@ -314,11 +261,7 @@ def main() -> int:
     if unknown:
         print(f"error: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}", file=sys.stderr)
         return 2
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        print(f"error: --seeds must be comma-separated integers, got {args.seeds!r}", file=sys.stderr)
-        return 2
+    seeds = common.int_list(args.seeds, "--seeds")
     tasks = [t for t in args.tasks.split(",") if t]
     frameworks = [f for f in args.frameworks.split(",") if f]
     if set(frameworks) - {"jax", "torch"}:
@@ -350,7 +293,7 @@ def main() -> int:
 
     record = {
         "name": args.name,
-        "command": " ".join(["python", "scripts/grid.py", *sys.argv[1:]]),
+        "command": common.command(__file__),
         "date": profiling.now(),
         "runs": os.path.relpath(args.runs, ROOT),
         "model": os.path.relpath(args.model, ROOT) if Path(args.model).exists() else args.model,

@@ -1,0 +1,96 @@
+"""The shape of the project, checked: module sizes, the import graph, no path hacks, the README's length,
+links that resolve, and a results index that lists every folder. Each would drift silently otherwise."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+
+from .conftest import ROOT
+
+PACKAGE = ROOT / "lora_jax"
+
+
+def _imports(path) -> set[str]:
+    """The lora_jax modules a module imports (relative or absolute, at any depth in the file)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module is None:
+                names |= {a.name for a in node.names}
+            elif node.level == 1:
+                names.add(node.module.split(".")[0])
+            elif node.module and node.module.startswith("lora_jax."):
+                names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("lora_jax.")}
+    return names
+
+
+def test_no_module_is_over_400_lines():
+    sizes = {p.name: len(p.read_text().splitlines()) for p in PACKAGE.glob("*.py")}
+    assert max(sizes.values()) <= 400, {k: v for k, v in sizes.items() if v > 400}
+
+
+@pytest.mark.parametrize("module, forbidden", [
+    ("model", {"lora", "adaptive", "train", "train_step"}),   # the encoder knows nothing of LoRA
+    ("model_config", {"model", "lora"}),
+    ("lora", {"model", "train", "adaptive", "weights"}),       # the transform knows no model
+    ("compiler", {"model", "lora"}),
+    ("tree", set()),
+    ("files", set()),
+    ("evaluate", {"train", "train_step", "optim", "prepare"}),  # inference never imports training
+    ("serve", {"train", "train_step", "optim", "prepare"}),
+    ("eval_step", {"train", "train_step", "optim", "prepare"}),
+])
+def test_imports_run_downwards(module, forbidden):
+    imported = _imports(PACKAGE / f"{module}.py")
+    assert not imported & forbidden, imported & forbidden
+    if not forbidden:  # the bottom of the graph imports no lora_jax module at all
+        assert not imported
+
+
+def test_model_has_no_compiler_mechanics():
+    text = (PACKAGE / "model.py").read_text()
+    assert "custom_vjp" not in text and "_low_rank" not in text and "checkpoint_policies" not in text
+
+
+def test_key_prefixes_are_spelled_in_one_module():
+    """``params/`` and ``lora/`` keys are built and parsed by ``tree`` alone."""
+    spelled = {p.name for p in PACKAGE.glob("*.py") if p.name != "tree.py"
+               and re.search(r"""["']f?(params|lora)/""", p.read_text())}
+    assert not spelled, spelled
+
+
+def test_no_sys_path_edits_and_no_script_imports_another():
+    for folder in ("lora_jax", "scripts", "benchmarks", "tests"):
+        for p in (ROOT / folder).glob("*.py"):
+            assert not re.search(r"sys\.path\.(insert|append|extend)|sys\.path\s*=", p.read_text()), p
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} | {p.stem for p in (ROOT / "scripts").glob("*.py")}
+    for p in (ROOT / "benchmarks").glob("*.py"):
+        tree = ast.parse(p.read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not (imported & scripts) - {"common"}, (p.name, imported & scripts)
+
+
+def test_readme_is_short():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+def _links(path) -> list[str]:
+    return [m for m in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text()) if "://" not in m]
+
+
+def test_relative_links_resolve():
+    pages = [ROOT / "README.md", ROOT / "results" / "README.md", *(ROOT / "docs").glob("*.md")]
+    missing = [(p.relative_to(ROOT), link) for p in pages for link in _links(p) if not (p.parent / link).exists()]
+    assert not missing, missing
+
+
+def test_results_index_lists_every_folder():
+    index = (ROOT / "results" / "README.md").read_text()
+    folders = [p.name for p in (ROOT / "results").iterdir() if p.is_dir()]
+    assert folders and not [f for f in folders if f"]({f}/" not in index], folders
