@@ -94,3 +94,12 @@ def test_results_index_lists_every_folder():
     index = (ROOT / "results" / "README.md").read_text()
     folders = [p.name for p in (ROOT / "results").iterdir() if p.is_dir()]
     assert folders and not [f for f in folders if f"]({f}/" not in index], folders
+
+
+def test_readme_install_block_is_what_setup_runs():
+    """CI runs scripts/setup.sh; the README's install block must be the same pip commands, in its order."""
+    block = re.search(r"## Install.*?```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    readme = [line.split("#")[0].split() for line in block.splitlines() if line.strip()]
+    setup = [["pip", *line.split()[1:]] for line in (ROOT / "scripts" / "setup.sh").read_text().splitlines()
+             if line.startswith(".venv/bin/pip install") and "--upgrade" not in line]
+    assert [[w for w in cmd if w != "-q"] for cmd in setup] == readme, (setup, readme)
