@@ -103,3 +103,15 @@ def test_readme_install_block_is_what_setup_runs():
     setup = [["pip", *line.split()[1:]] for line in (ROOT / "scripts" / "setup.sh").read_text().splitlines()
              if line.startswith(".venv/bin/pip install") and "--upgrade" not in line]
     assert [[w for w in cmd if w != "-q"] for cmd in setup] == readme, (setup, readme)
+
+
+def test_import_graph_has_no_cycle():
+    """Every import, at module level or inside a function, runs one way: the modules can be ordered so that
+    each imports only modules before it (the CLI last; tree, files, compiler first)."""
+    graph = {p.stem: _imports(p) - {"__init__"} for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    done: set[str] = set()
+    while len(done) < len(graph):
+        ready = {m for m, deps in graph.items() if m not in done and deps <= done}
+        assert ready, {m: sorted(d - done) for m, d in graph.items() if m not in done}  # what waits on what
+        done |= ready
+    assert "cli" not in set().union(*graph.values())  # nothing imports the CLI
