@@ -97,3 +97,21 @@ def test_bench_gemm_refuses_a_step_of_another_shape(tiny_bert_dir, tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert other.returncode == 2 and other.stderr.strip().count("\n") == 0 and "seq 8" in other.stderr
     assert not out.exists()
+
+
+def test_common_helpers(capsys):
+    """benchmarks/common.py: a failing child's last error line, a JSON result line, the results header with
+    the code version, and a bad list flag as a one-line error."""
+    import common
+
+    with pytest.raises(common.Failed, match="exit 3: boom"):
+        common.run([sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"])
+    assert common.run_json([sys.executable, "-c", "print('noise'); print('R {\"a\": 1}')"], prefix="R ") == {"a": 1}
+    head = common.header("T", date="2026-12-07", command="python x.py", device={"platform": "cpu",
+                         "device_kind": "k"}, versions={"jax": "0"})
+    assert head[0] == "# T (2026-12-07)" and head[2] == "Command: `python x.py`  "
+    assert any(line.startswith("Code: ") and line.split()[1] != "unknown" for line in head)
+    assert common.int_list("0,1,2", "--seeds") == [0, 1, 2]
+    with pytest.raises(SystemExit) as e:
+        common.int_list("0,x", "--seeds")
+    assert e.value.code == 2 and "--seeds must be comma-separated integers" in capsys.readouterr().err
