@@ -230,11 +230,7 @@ def main() -> int:
     if args.batch <= 0 or args.seq <= 0 or args.repeats <= 0 or args.warmup < 0:
         print("error: --batch, --seq and --repeats must be > 0 and --warmup >= 0", file=sys.stderr)
         return 2
-    frameworks = [f for f in args.frameworks.split(",") if f]
-    if not frameworks or any(f not in FRAMEWORKS for f in frameworks):
-        print(f"error: --frameworks takes a comma-separated list of {', '.join(FRAMEWORKS)}, got {args.frameworks!r}",
-              file=sys.stderr)
-        return 2
+    frameworks = common.names(args.frameworks, FRAMEWORKS, "--frameworks")
     step_rows = None
     if args.step:
         try:

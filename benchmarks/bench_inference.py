@@ -47,13 +47,9 @@ def main() -> int:
         print("error: --batches takes positive integers (1,32); --seq, --adapters must be > 0, --calls > 1",
               file=sys.stderr)
         return 2
-    impls = [m for m in args.mixed_impls.split(",") if m]
     from lora_jax.serve import MIXED_IMPLS
 
-    if not impls or any(m not in MIXED_IMPLS for m in impls):
-        print(f"error: --mixed-impls takes names from {', '.join(MIXED_IMPLS)}, got {args.mixed_impls!r}",
-              file=sys.stderr)
-        return 2
+    impls = common.names(args.mixed_impls, MIXED_IMPLS, "--mixed-impls")
 
     import jax
     import jax.numpy as jnp

@@ -117,6 +117,14 @@ def int_list(text: str, flag: str) -> list[int]:
         raise fail(f"{flag} must be comma-separated integers, got {text!r}") from None
 
 
+def names(text: str, allowed, flag: str) -> list[str]:
+    """``"a,b"`` -> ["a", "b"], each one of ``allowed``; anything else is a one-line argument error."""
+    picked = [x for x in text.split(",") if x]
+    if not picked or any(x not in allowed for x in picked):
+        raise fail(f"{flag} takes a comma-separated list of {', '.join(allowed)}, got {text!r}")
+    return picked
+
+
 def compile_cache(directory: str | None) -> str | None:
     """Turn on JAX's persistent compilation cache in ``directory`` (None: off); returns its absolute path.
     A directory that cannot be created is a one-line argument error."""
