@@ -59,8 +59,9 @@ def matmul_rows(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x @ w`` for x (..., d_in), w (d_in, d_out), computed on x as one 2-D (N, d_in) matrix.
 
     (B, T, d_in) @ (d_in, d_out) makes the weight gradient a dot with two contracting dimensions, which
-    XLA's CPU backend runs in a slow generic loop instead of its matmul library: 2x slower steps for
-    LoRA on every linear layer (results/bench/roberta-b16-s128-cpu.md).
+    XLA's CPU backend runs in a slow generic loop instead of its matmul library: the roberta-base LoRA step
+    took 5.71 s before (results/bench/roberta-base-b16-s128-cpu.md) and 4.76 s after
+    (results/bench/roberta-b16-s128-cpu.md).
     """
     y = cast_matmul(x.reshape(-1, x.shape[-1]), w)
     return y.reshape(*x.shape[:-1], w.shape[-1])
@@ -73,8 +74,10 @@ def cast_matmul(rows: jax.Array, w: jax.Array) -> jax.Array:
     a ``jax.checkpoint``, so the backward pass casts it again instead of keeping the cast copy
     from the forward pass. Without it, autodiff keeps a compute-dtype copy of every such weight
     alive from its use in the forward pass to the backward pass, all of them at once at the
-    peak, and storing the base in bfloat16 saves little of the step's memory
-    (results/bf16-base-sst2/). The recomputation is one cast per weight; the values are the same.
+    peak, and storing the base in bfloat16 saves little of the step's memory. With it, a bfloat16 base
+    keeps exactly what a float32 one keeps for the backward pass: benchmarks/bench.py counts it, and
+    tests/test_readme.py asserts it for the "bf16-base+cheap" cell on every CI run.
+    The recomputation is one cast per weight; the values are the same.
     """
     if w.dtype == rows.dtype:
         return rows @ w
@@ -94,8 +97,8 @@ def normalize(x: jax.Array, eps: float) -> jax.Array:
     """(x - mean) / sqrt(var + eps) over the last axis, float32.
 
     Its gradient is the textbook LayerNorm gradient, two row means, instead of the five reductions and
-    intermediates that autodiff of the forward produces: XLA's CPU reductions are slow
-    (results/profile/roberta-base-b16-s128-cpu-gate.md).
+    intermediates that autodiff of the forward produces: XLA's CPU reductions are slow (LayerNorm's share
+    of the step against PyTorch's: results/profile/roberta-base-b16-s128-cpu-gate.md, docs/performance.md).
     """
     return _normalize_fwd(x, eps)[0]
 
