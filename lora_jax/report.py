@@ -124,11 +124,11 @@ def build(*, cfg, s, command: str | None, step: int, resume: bool, history: list
 
     from . import metrics, parallel, profiling
     from . import tree as tree_lib
+    from .prepare import steps_per_epoch
 
     final = history[-1]["eval"] if history else {}
     compiled = compiled_steps.largest()
     lora_saved = sum(int(np.size(v)) for v in tree_lib.adapters_only(trained).values())
-    spe = len(s.train) // cfg.batch_size
     return {
         "command": command,
         "task": cfg.task,
@@ -151,7 +151,7 @@ def build(*, cfg, s, command: str | None, step: int, resume: bool, history: list
         "full_model_fp32_bytes": 4 * (s.counts["total"] - s.counts["lora"]),
         "steps": step,
         "resumed": resume,
-        "epochs_run": round(step / spe, 3),
+        "epochs_run": round(step / steps_per_epoch(s), 3),
         "train_examples": len(s.train),
         "eval_examples": {k: len(v) for k, v in s.dev.items()},
         "parallel": parallel.describe(mesh),
