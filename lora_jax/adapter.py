@@ -59,11 +59,12 @@ def _load_tensors(path: Path) -> dict[str, np.ndarray]:
 
 def export(directory: Path, trainable: dict, *, mcfg: ModelConfig, lcfg: lora.LoraConfig, base_model: str,
            task: str, label_names: tuple[str, ...], max_seq_len: int | None = None,
-           base_fingerprint: str | None = None) -> int:
+           base_fingerprint: str | None = None, extra: dict | None = None) -> int:
     """Write the trained leaves and metadata; returns the adapter's size in bytes.
 
     ``base_fingerprint`` (``weights.fingerprint`` of the base it was trained on) lets a loader refuse
-    another checkpoint of the same architecture (``check_base``)."""
+    another checkpoint of the same architecture (``check_base``). ``extra``: more metadata fields (how a
+    combined adapter was made)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -77,6 +78,7 @@ def export(directory: Path, trainable: dict, *, mcfg: ModelConfig, lcfg: lora.Lo
         "task": task,
         "label_names": list(label_names),
         "max_seq_len": max_seq_len,
+        **(extra or {}),
     }
     _save_tensors(directory / WEIGHTS, {k: np.asarray(v) for k, v in trainable.items()})
     write_bytes(directory / CONFIG, (json.dumps(meta, indent=2) + "\n").encode())

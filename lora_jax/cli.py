@@ -17,39 +17,11 @@ from pathlib import Path
 
 from .config import METHODS, XLA_SCHEDULERS, ConfigValueError, TrainConfig, preset
 from .batching import BATCHINGS
+from .cli_common import Parser, check_writable_file, named_dirs, setup_logging, user_errors
 from .files import write_text
 
-# Errors that are the user's input, not our bug: one line, no traceback.
-def _user_errors():
-    from .adapter import AdapterError
-    from .adaptive import AdaptiveError
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .lora import LoraError
-    from .model import ConfigError
-    from .parallel import ParallelError
-    from .rundir import RunError
-    from .weights import WeightsError
-
-    return (ConfigValueError, DataError, LoraError, ConfigError, RunError, WeightsError, AdapterError,
-            CheckpointError, ParallelError, AdaptiveError)
-
-
-def _setup_logging(level: int) -> None:
-    """Our messages at ``level``; the libraries' (orbax, absl, jax's TPU probe) only when they are errors."""
-    logging.basicConfig(level=logging.ERROR, format="%(message)s")
-    logging.getLogger("lora_jax").setLevel(level)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (not the whole usage block), exit 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="lora-jax train",
         description="Fine-tune a BERT/RoBERTa encoder on a GLUE task with LoRA or in full, "
         "evaluate on dev, and write report.json / report.md.",
@@ -186,7 +158,7 @@ def enable_compile_cache(directory: str | None) -> None:
 
 def train_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(logging.INFO)
+    setup_logging(logging.INFO)
     from . import parallel
     from .train import Interrupted, TrainingDiverged, fit
 
@@ -203,7 +175,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 1
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
@@ -225,7 +197,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="lora-jax evaluate",
+    p = Parser(prog="lora-jax evaluate",
                                 description="Dev metrics of a saved adapter on its base model.")
     p.add_argument("--adapter", required=True, help="adapter directory (OUTPUT_DIR/adapter of a run, or peft's)")
     p.add_argument("--peft", action="store_true", help="the directory holds a Hugging Face peft LoRA adapter")
@@ -239,7 +211,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--force-base", action="store_true",
                    help="use --model even if its weights are not the ones the adapter was trained on")
     args = p.parse_args(argv)
-    _setup_logging(logging.WARNING)
+    setup_logging(logging.WARNING)
     from .evaluate import evaluate_adapter
 
     try:
@@ -249,7 +221,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                                    model=args.model, peft=args.peft, batch_size=args.batch_size,
                                    max_seq_len=args.max_seq_len, max_eval_examples=args.max_eval_examples,
                                    force_base=args.force_base)
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for split, values in results.items():
@@ -258,7 +230,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
 
 def predict_main(argv: list[str] | None = None) -> int:
-    p = _Parser(
+    p = Parser(
         prog="lora-jax predict",
         description="Predictions from one base and several adapters. Each input line is JSON: "
         '{"adapter": NAME, "text": "..."} or {"adapter": NAME, "text": "...", "text_pair": "..."}. '
@@ -272,18 +244,11 @@ def predict_main(argv: list[str] | None = None) -> int:
     p.add_argument("--force-base", action="store_true",
                    help="use the base even where its weights are not the ones an adapter was trained on")
     args = p.parse_args(argv)
-    _setup_logging(logging.WARNING)
+    setup_logging(logging.WARNING)
     from .serve import PredictError, Predictor
 
     try:
-        named = {}
-        for spec in args.adapter:
-            name, sep, directory = spec.partition("=")
-            if not sep or not name or not directory:
-                raise ConfigValueError(f"--adapter takes NAME=DIR, got {spec!r}")
-            if name in named:
-                raise ConfigValueError(f"--adapter {name}= is given twice ({named[name]} and {directory})")
-            named[name] = directory
+        named = named_dirs(args.adapter)
         if args.batch_size <= 0:
             raise ConfigValueError(f"--batch-size must be > 0, got {args.batch_size}")
         if args.input == "-":
@@ -296,7 +261,7 @@ def predict_main(argv: list[str] | None = None) -> int:
         if args.output:
             check_writable_file(Path(args.output), "--output")  # before any prediction is computed
         predictor = Predictor(named, model=args.model, batch_size=args.batch_size, force_base=args.force_base)
-    except (*_user_errors(), PredictError) as e:
+    except (*user_errors(), PredictError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results = predict_lines(predictor, raw.splitlines())
@@ -315,19 +280,6 @@ def predict_main(argv: list[str] | None = None) -> int:
     print(f"{len(results) - failed} of {len(results)} lines answered"
           + (f"; {failed} errors (see their lines)" if failed else ""), file=sys.stderr)
     return 0
-
-
-def check_writable_file(path: Path, flag: str) -> None:
-    """Fail now, not after the work, if ``path`` cannot be written: its directory must exist and take a
-    new file (``report.check_writable``); an existing directory at ``path`` is refused too."""
-    from .files import check_writable
-
-    if path.is_dir():
-        raise ConfigValueError(f"{flag} {path} is a directory")
-    try:
-        check_writable(path.parent)
-    except OSError as e:
-        raise ConfigValueError(f"cannot write {flag} {path}: {e.strerror or e}") from None
 
 
 def predict_lines(predictor, lines: list[str | bytes]) -> list[dict]:
@@ -366,20 +318,20 @@ def predict_lines(predictor, lines: list[str | bytes]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``lora-jax train|evaluate|predict ...``."""
+    """``lora-jax train|evaluate|predict|export|combine ...``."""
+    from .cli_adapters import combine_main, export_main
+
+    commands = {"train": train_main, "evaluate": evaluate_main, "predict": predict_main, "export": export_main,
+                "combine": combine_main}
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: lora-jax {train,evaluate,predict} [--help] ...")
+        print(f"usage: lora-jax {{{','.join(commands)}}} [--help] ...")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        return train_main(rest)
-    if command == "evaluate":
-        return evaluate_main(rest)
-    if command == "predict":
-        return predict_main(rest)
-    print(f"error: unknown command {command!r}; available: train, evaluate, predict", file=sys.stderr)
-    return 2
+    if command not in commands:
+        print(f"error: unknown command {command!r}; available: {', '.join(commands)}", file=sys.stderr)
+        return 2
+    return commands[command](rest)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -43,3 +44,24 @@ def check_writable(directory: Path) -> None:
     fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-check-")
     os.close(fd)
     os.unlink(probe)
+
+
+def write_dir(path: Path, fill: Callable[[Path], None], *, overwrite: bool = False) -> None:
+    """``fill(tmp)`` into a new directory beside ``path``, then rename it to ``path``: a kill leaves no
+    half-written directory under the name. An existing ``path`` is replaced only with ``overwrite``
+    (raises FileExistsError otherwise), and only once the new one is complete."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        fill(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -24,7 +24,7 @@ from .conftest import ROOT, shared_path
 
 pytestmark = pytest.mark.slow
 
-OUTPUT_FLAGS = ("--output-dir", "--out", "--runs", "--results")
+OUTPUT_FLAGS = ("--output-dir", "--out", "--runs", "--results", "--merged", "--peft")
 
 
 def doc_block(file: str, heading: str, language: str = "bash") -> str:
@@ -291,8 +291,30 @@ def check_train(command: str, _: None) -> None:
 
 
 # script -> (what to note before it runs, the check after it ran)
+def check_export(command: str, _: None) -> None:
+    merged, peft_dir = ROOT / _flag(command, "--merged"), ROOT / _flag(command, "--peft")
+    assert sorted(p.name for p in merged.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((peft_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def check_combine(command: str, _: None) -> None:
+    """The combined adapter records what it was made of, and cat's rank per kernel is the sum of the inputs'."""
+    from lora_jax import adapter as adapter_lib
+
+    meta, leaves = adapter_lib.load(ROOT / _flag(command, "--out"))
+    names = [a.split("=")[0] for w, a in zip(command.split(), command.split()[1:]) if w == "--adapter"]
+    inputs = [adapter_lib.load(ROOT / a.split("=")[1])[1] for w, a in zip(command.split(), command.split()[1:])
+              if w == "--adapter"]
+    assert meta["combined_from"]["adapters"] == names and meta["combined_from"]["how"] == "cat"
+    for key, a in leaves.items():
+        if key.endswith("/a"):
+            assert a.shape[1] == sum(t[key].shape[1] for t in inputs if key in t), key
+
+
 CHECKS = {
     "scripts/train.py": (_nothing, check_train),
+    "scripts/export.py": (_nothing, check_export),
+    "scripts/combine.py": (_nothing, check_combine),
     "benchmarks/bench.py": (_cache_entries, check_bench),
     "benchmarks/bench_gemm.py": (_nothing, check_bench_gemm),
     "benchmarks/bench_inference.py": (_nothing, check_bench_inference),
