@@ -251,20 +251,16 @@ class Encoded:
 
 
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
+    """The checkpoint's tokenizer (``tokenize.load``: the ``tokenizers`` library, no torch); DataError if none."""
+    from . import tokenize
 
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        raise DataError(f"cannot load a tokenizer from {path}: {type(e).__name__}: {e}") from None
+        return tokenize.load(path)
+    except tokenize.TokenizerError as e:
+        raise DataError(str(e)) from None
 
 
 def encode(tokenizer, examples: Examples, max_seq_len: int) -> Encoded:
-    # Padding off and truncation explicit: MiniLM's tokenizer.json turns on fixed padding to 128.
-    enc = tokenizer(
-        *examples.texts, truncation=True, max_length=max_seq_len, padding=False,
-        return_token_type_ids=True, return_attention_mask=False,
-    )
-    ids = [np.asarray(x, np.int32) for x in enc["input_ids"]]
-    type_ids = [np.asarray(x, np.int32) for x in enc["token_type_ids"]]
+    """Ragged ids and type ids, truncated to ``max_seq_len`` (longest text first); no padding here."""
+    ids, type_ids = tokenizer.encode(examples.texts, max_seq_len)
     return Encoded(ids, type_ids, examples.labels, int(tokenizer.pad_token_id))

@@ -60,7 +60,7 @@ def test_collate_pads_to_bucket_and_marks_filler(tiny_bert_dir):
     tok = data_lib.load_tokenizer(str(tiny_bert_dir))
     ex = data_lib.Examples((["the cat sat", "a dog"], ["good movie", "bad"]), np.array([1, 0]), "mem")
     enc = data_lib.encode(tok, ex, 16)
-    assert enc.ids[0][0] == tok.cls_token_id and enc.type_ids[0].max() == 1
+    assert enc.ids[0][0] == tok.backend.token_to_id("[CLS]") and enc.type_ids[0].max() == 1
     batch = batching.collate(enc, np.array([1]), (8, 16), 4)
     assert batch["input_ids"].shape == (4, 8)
     assert batch["example_mask"].tolist() == [True, False, False, False]
