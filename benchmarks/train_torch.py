@@ -151,7 +151,7 @@ def main() -> int:
 
     from lora_jax import data as data_lib
     from lora_jax import metrics, profiling
-    from lora_jax.report import write_text
+    from lora_jax.files import write_text
 
     out = Path(args.output_dir)
     ckpt_file = out / "checkpoint.pt"
@@ -189,21 +189,25 @@ def main() -> int:
             return 2
     try:
         task = data_lib.get_task(args.task)
+        profiling.stage("reading data")
         train_ex = data_lib.load_split(task, "train", args.data_dir).head(args.max_train_examples)
         dev_ex = data_lib.load_dev(task, args.data_dir)
     except data_lib.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    profiling.stage("importing torch")
     import torch
     import transformers
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
+    profiling.stage("tokenizing")
     tokenizer = data_lib.load_tokenizer(args.model)
     train = data_lib.encode(tokenizer, train_ex, args.max_seq_len)
     dev = {s: data_lib.encode(tokenizer, e, args.max_seq_len) for s, e in dev_ex.items()}
+    profiling.stage("loading parameters")
     # float32 whatever the checkpoint stores (transformers 5 would otherwise keep a float16 file's dtype),
     # as lora-jax trains.
     model = transformers.AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=task.num_labels,
@@ -226,6 +230,7 @@ def main() -> int:
             target_modules=PEFT_TARGETS[args.targets], use_rslora=args.rslora))
     if args.same_init:
         load_same_init(model, args, task.num_labels)
+    profiling.stage("placing state")
     # A GPU when torch sees one (the CPU wheel never does); the clock stops after loss.item(), which waits.
     dev_type = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(dev_type)
@@ -286,6 +291,7 @@ def main() -> int:
             f.unlink(missing_ok=True)
 
     def save_checkpoint() -> None:
+        profiling.stage("checkpoint")
         # Atomic: a kill while writing leaves the previous checkpoint whole.
         tmp = out / "checkpoint.pt.tmp"
         torch.save({"args": run_args, "step": step, "trainable": {n: q.detach().clone() for n, q in trainable},
@@ -299,6 +305,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     first_step = step
     model.train()
+    profiling.stage("train steps")
     bar = tqdm(total=n_steps, initial=step, desc=f"torch {args.task} {args.method}", disable=args.no_progress,
                unit="step")
     while step < n_steps:
@@ -339,11 +346,13 @@ def main() -> int:
             log.append({"step": step, "loss": value})
             if args.save_every and step % args.save_every == 0 and step < n_steps:
                 save_checkpoint()
+                profiling.stage("train steps")
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
     bar.close()
 
     model.eval()
+    profiling.stage("evaluation")
     results = {}
     with torch.no_grad():
         for split, enc in dev.items():
@@ -355,6 +364,7 @@ def main() -> int:
                               **metrics.spread(preds, enc.labels, task.is_regression)}
 
     out.mkdir(parents=True, exist_ok=True)
+    profiling.stage("saving adapters")
     saved = out / ("adapter" if args.method == "lora" else "model")
     shutil.rmtree(saved, ignore_errors=True)
     model.save_pretrained(saved)
@@ -391,6 +401,7 @@ def main() -> int:
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     for f in (ckpt_file, out / "checkpoint.json"):  # the run is complete: its trained model is saved above
         f.unlink(missing_ok=True)
+    profiling.stage("done")
     primary = report["primary_metric"].split("/")
     print(f"{args.task} torch {args.method}: {report['primary_metric']} {results[primary[0]][primary[1]]:.4f}; "
           f"report: {out}/report.json")

@@ -18,6 +18,7 @@ from . import data as data_lib
 from . import tree as tree_lib
 from .config import TrainConfig
 from .model import ModelConfig, forward
+from .profiling import stage
 from .train_step import TrainState, model_inputs, new_state, task_loss
 
 log = logging.getLogger(__name__)
@@ -155,18 +156,21 @@ def setup(cfg: TrainConfig) -> Setup:
         raise data_lib.DataError(
             f"--max-seq-len {cfg.max_seq_len} exceeds the model's maximum of {mcfg.max_positions} positions"
         )
+    stage("reading data")
     train_ex = data_lib.load_split(task, "train", cfg.data_dir).head(cfg.max_train_examples)
     dev_ex = data_lib.load_dev(task, cfg.data_dir, cfg.dev_file, cfg.max_eval_examples)
-
+    stage("loading parameters")
     report, trainable, frozen, label_of, counts = initial_trainable(cfg, model_dir, mcfg)
     log.info(report.summary())
     lcfg = cfg.lora_config()
     if cfg.init_adapter:
         trainable = warm_start(trainable, cfg.init_adapter, mcfg, lcfg, report.fingerprint)
 
+    stage("tokenizing")
     tokenizer = data_lib.load_tokenizer(str(model_dir))
     train = data_lib.encode(tokenizer, train_ex, cfg.max_seq_len)
     dev = {s: data_lib.encode(tokenizer, e, cfg.max_seq_len) for s, e in dev_ex.items()}
+    stage("batching")
     # --num-buckets 0: one static shape, every batch padded to --max-seq-len (the usual JAX recipe,
     # kept as the baseline that length buckets are measured against).
     buckets = ((cfg.max_seq_len,) if cfg.num_buckets == 0

@@ -1,8 +1,13 @@
-"""Measurements that reports share: memory, timings, versions, device."""
+"""Measurements that reports share: memory, timings, versions, device.
+
+JAX is imported inside the functions that use it: the PyTorch reference (benchmarks/train_torch.py)
+uses the rest, and its memory must not include JAX's.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import platform
 import re
 import resource
@@ -10,8 +15,15 @@ import statistics
 import sys
 from importlib import metadata
 
-import jax
-from jax.extend.core import Var
+
+
+_stages = logging.getLogger("lora_jax.stages")
+
+
+def stage(name: str) -> None:
+    """Mark a moment of a run: a DEBUG line ``stage: NAME`` on the ``lora_jax.stages`` logger, silent
+    unless someone listens (benchmarks/memory.py draws them on its memory timeline)."""
+    _stages.debug("stage: %s", name)
 
 
 def peak_rss_bytes() -> int:
@@ -23,6 +35,8 @@ def peak_rss_bytes() -> int:
 def device_bytes(stat: str = "peak_bytes_in_use") -> int | None:
     """``memory_stats()[stat]`` of device 0 (``peak_bytes_in_use``, ``bytes_in_use``, ...), where
     the backend has it (GPU/TPU); None on CPU."""
+    import jax
+
     try:
         stats = jax.local_devices()[0].memory_stats()
     except Exception:  # CPU backends raise or return None depending on the version
@@ -133,6 +147,8 @@ def versions(*packages: str) -> dict[str, str]:
 
 
 def device_info() -> dict[str, str | int]:
+    import jax
+
     d = jax.devices()[0]
     return {
         "platform": d.platform,
@@ -171,6 +187,8 @@ def time_steps(compiled, state, frozen, batch, *, warmup: int, steps: int) -> li
     """Run a compiled train step ``warmup + steps`` times; the seconds of the last ``steps``, each
     ending when its loss is ready (``block_until_ready``)."""
     import time
+
+    import jax
 
     times = []
     for i in range(warmup + steps):

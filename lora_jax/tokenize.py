@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+CHUNK = 512  # examples encoded at once
+
 # The pad token of each layout when the directory's configs name none.
 _DEFAULT_PAD = {"wordpiece": "[PAD]", "bpe": "<pad>"}
 
@@ -55,8 +57,15 @@ class Tokenizer:
         tok = self.backend
         tok.no_padding()
         tok.enable_truncation(max_len, strategy="longest_first")
-        encs = tok.encode_batch(list(zip(*columns)) if len(columns) == 2 else list(columns[0]))
-        return [np.asarray(e.ids, np.int32) for e in encs], [np.asarray(e.type_ids, np.int32) for e in encs]
+        inputs = list(zip(*columns)) if len(columns) == 2 else list(columns[0])
+        ids, type_ids = [], []
+        # In chunks: each Encoding keeps what truncation cut off (its "overflowing" parts), which for long
+        # texts and a short max_len is many times the ids kept (1 GB for RTE at length 32, all at once).
+        for i in range(0, len(inputs), CHUNK):
+            for e in tok.encode_batch(inputs[i:i + CHUNK]):
+                ids.append(np.asarray(e.ids, np.int32))
+                type_ids.append(np.asarray(e.type_ids, np.int32))
+        return ids, type_ids
 
 
 class _Transformers(Tokenizer):

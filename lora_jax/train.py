@@ -27,6 +27,7 @@ from .config import TrainConfig
 from .eval_step import evaluate, make_eval_step
 from .files import write_json
 from .optim import make_optimizer
+from .profiling import stage
 from .prepare import Setup, init_state, setup, steps_per_epoch, total_steps
 from .rundir import RunError  # noqa: F401  (raised by fit; callers catch it from here)
 from .train_step import PerShape, TrainState, make_train_step, model_inputs
@@ -200,6 +201,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     rows = parallel.local_rows(cfg.batch_size, mesh)  # fails early if the batch does not divide
     main = parallel.is_main_process()
     s = _start(cfg, out, overwrite=overwrite, resume=resume)
+    stage("placing state")
     n_steps, spe = total_steps(s), steps_per_epoch(s)
     ada = cfg.adalora_config(n_steps) if cfg.method == "adalora" else None
     optimizer = make_optimizer(s.label_of, cfg, n_steps)
@@ -228,6 +230,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
         metrics_file.write(json.dumps(rec) + "\n")
         metrics_file.flush()
 
+    stage("train steps")
     try:
         while step < n_steps:
             epoch, offset = divmod(step, spe)
@@ -253,8 +256,10 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
                     bar.set_postfix(loss=f"{loss:.4f}", ex_s="-" if rate is None else f"{rate:.1f}")
                 bar.update(1)
                 if step % eval_every == 0 or step == n_steps:
+                    stage("evaluation")
                     res = evaluate(s.task, s.dev, s.buckets, eval_step, state.trainable, frozen, cfg.batch_size,
                                    mesh)
+                    stage("train steps")
                     history.append({"step": step, "epoch": epoch, "eval": res})
                     record(history[-1])
                     for split, values in res.items():
@@ -264,9 +269,11 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
                         bar.write(f"step {step}: " + ", ".join(
                             f"{sp}/{k}={v:.4f}" for sp, vals in res.items() for k, v in vals.items()))
                 if step % save_every == 0 or step == n_steps:
+                    stage("checkpoint")
                     checkpoint.save(mngr, step, state, {**meta_base, "history": history, "best": best,
                                                         "epoch": step // spe, "batch_in_epoch": step % spe})
                     saved_step = step
+                    stage("train steps")
                 if ctrl_c.pressed:
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
@@ -280,6 +287,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
         metrics_file.close()
         mngr.close()
 
+    stage("saving adapters")
     trained, sizes, ada_report = _save_adapters(out, cfg, s, state, ada)
     report = report_lib.build(cfg=cfg, s=s, command=command, step=step, resume=resume, history=history, best=best,
                               trained=trained, sizes=sizes, ada_report=ada_report, timer=timer,
@@ -289,4 +297,5 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
         report_lib.write_report(out, report)
         report_lib.warn_if_trivial(report)
     parallel.barrier("lora_jax.fit_done")
+    stage("done")
     return report, state

@@ -25,6 +25,7 @@ from . import tree as tree_lib
 from .config import XLA_CPU_SCHEDULERS
 from .eval_step import model_params
 from .model import ModelConfig, forward
+from .profiling import stage
 
 
 @flax.struct.dataclass
@@ -141,9 +142,11 @@ class PerShape:
     def __call__(self, *args):
         key = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args[-1]))
         if key not in self.compiled:
+            stage(f"compile {key[0][0]}")
             t0 = time.perf_counter()
             self.compiled[key] = self.fn.lower(*args).compile()
             self.compile_seconds += time.perf_counter() - t0
+            stage("train steps")
         return self.compiled[key](*args)
 
     @property
