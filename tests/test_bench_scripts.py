@@ -115,3 +115,17 @@ def test_common_helpers(capsys):
     with pytest.raises(SystemExit) as e:
         common.int_list("0,x", "--seeds")
     assert e.value.code == 2 and "--seeds must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_memory_stages_from_marks():
+    """Samples fall in the stage whose mark precedes them; compilations count as one stage."""
+    import memory
+
+    mib = 2**20
+    samples = [(0.5, 100 * mib), (1.5, 300 * mib), (2.5, 320 * mib), (3.5, 900 * mib), (4.5, 400 * mib), (5.5, 950 * mib)]
+    marks = [(1.0, "tokenizing"), (3.0, "compile (8, 32)"), (4.0, "train steps"), (5.0, "compile (4, 64)")]
+    got = {s["stage"]: s for s in memory.stages(samples, marks)}
+    assert list(got) == ["start", "tokenizing", "compile", "train steps"]
+    assert got["tokenizing"]["rss_start_mib"] == 100 and got["tokenizing"]["rss_max_mib"] == 320
+    assert got["compile"]["rss_max_mib"] == 950 and got["compile"]["seconds"] == 1.5  # 3-4 and 5-5.5
+    assert got["train steps"]["rss_start_mib"] == 900

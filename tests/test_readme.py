@@ -291,6 +291,19 @@ def check_train(command: str, _: None) -> None:
 
 
 # script -> (what to note before it runs, the check after it ran)
+def check_memory(command: str, _: None) -> None:
+    """Both frameworks ran, and each run's stages are on its timeline in order, with RSS below its peak."""
+    record = json.loads((ROOT / _flag(command, "--results") / "memory.json").read_text())
+    assert set(record["cells"]) == {"jax lora", "torch lora"}
+    for name, cell in record["cells"].items():
+        names = [s["stage"] for s in cell["stages"]]
+        assert names[:2] == ["start", "reading data"] and "tokenizing" in names and "evaluation" in names, names
+        assert ("compile" in names) == name.startswith("jax")
+        assert [s["t"] for s in cell["stages"]] == sorted(s["t"] for s in cell["stages"])
+        assert 0 < cell["max_sample_mib"] <= cell["peak_rss_mib"] + 1
+    assert (ROOT / _flag(command, "--results") / "memory.png").stat().st_size > 10_000
+
+
 def check_export(command: str, _: None) -> None:
     merged, peft_dir = ROOT / _flag(command, "--merged"), ROOT / _flag(command, "--peft")
     assert sorted(p.name for p in merged.iterdir()) == ["config.json", "model.safetensors"]
@@ -321,6 +334,7 @@ CHECKS = {
     "benchmarks/bench_epoch.py": (_cache_entries, check_bench_epoch),
     "benchmarks/profile_step.py": (_nothing, check_profile_step),
     "benchmarks/bench_dropout.py": (_nothing, check_bench_dropout),
+    "benchmarks/memory.py": (_nothing, check_memory),
 }
 
 
