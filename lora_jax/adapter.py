@@ -203,6 +203,10 @@ _PEFT_UNSUPPORTED = {
 }
 
 
+# peft initialisations that change the base weights: an adapter saved without conversion needs that residual.
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
+
+
 def _torch_module(path: str, mcfg: ModelConfig) -> str:
     """Our kernel path -> the module name in HF's *ForSequenceClassification (``roberta.encoder...``)."""
     module = path.rsplit("/", 1)[0].replace("/", ".")
@@ -268,6 +272,11 @@ def import_peft(directory: Path, params: dict, mcfg: ModelConfig) -> tuple[lora.
     bad = [f"{k}={cfg[k]!r}" for k, ok in _PEFT_UNSUPPORTED.items() if k in cfg and cfg[k] not in ok]
     if bad:
         raise AdapterError(f"{directory}: unsupported peft options: {', '.join(bad)}")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
+        raise AdapterError(f"{directory} was saved by peft with init_lora_weights={init!r}: its factors apply to "
+                           "a residual base, not to the pretrained one. Save it from peft with "
+                           "path_initial_model_for_weight_conversion= (a plain adapter), then load that")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not (isinstance(r, int) and r > 0 and isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise AdapterError(f"{file}: r and lora_alpha must be a positive integer and a positive number, "

@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora-alpha", type=float, help=f"default {d.lora_alpha}")
     a("--lora-dropout", type=float, help=f"default {d.lora_dropout}")
     a("--targets", help="qv, qkvo, all, or comma-separated regexes over parameter paths (default qv)")
-    a("--lora-init", choices=("kaiming", "gaussian"), help="initialisation of A (default kaiming)")
+    a("--lora-init", choices=("kaiming", "gaussian", "pissa", "olora"),
+      help="kaiming (default) or gaussian A with B = 0; or pissa (A, B from the top-r singular vectors of each "
+           "kernel) or olora (from its QR decomposition), which train on the residual base W - s·A·B and save "
+           "a plain rank-2r adapter for the original base")
     a("--rslora", action="store_const", const=True, help="scale by alpha/sqrt(r) instead of alpha/r")
     a("--lora-forward", choices=("auto", "factored", "merged"),
       help="how the train step applies LoRA: merged W + sAB (auto's choice: faster) or factored "

@@ -165,6 +165,12 @@ class TrainConfig:
         self.lora_config()  # raises LoraError on bad rank / alpha / dropout / patterns
         if self.init_adapter is not None and self.method != "lora":
             raise ConfigValueError("--init-adapter needs --method lora")
+        if self.lora_init in ("pissa", "olora"):
+            if self.method != "lora":
+                raise ConfigValueError(f"--lora-init {self.lora_init} needs --method lora")
+            if self.init_adapter is not None:
+                raise ConfigValueError(f"--lora-init {self.lora_init} and --init-adapter both set the starting "
+                                       "factors: choose one")
         if self.adalora_init not in ("gaussian", "orthogonal", "gradient"):
             raise ConfigValueError(f"--adalora-init must be gaussian, orthogonal or gradient, "
                                    f"got {self.adalora_init!r}")

@@ -72,7 +72,9 @@ class LoraConfig:
       trainable: regexes of base parameters trained in full and saved with the
         adapter (the task head).
       init_a: "kaiming" (uniform, bound 1/sqrt(d_in): torch's Linear default and
-        peft's) or "gaussian" (std 1/r, peft's ``init_lora_weights="gaussian"``).
+        peft's) or "gaussian" (std 1/r, peft's ``init_lora_weights="gaussian"``), both with B = 0;
+        or "pissa" / "olora", A and B from the base kernel (``lora_init``, which also makes the
+        residual base that these train on).
       rslora: use alpha / sqrt(r) (Kalajdzievski, 2023) instead of alpha / r.
     """
 
@@ -81,7 +83,7 @@ class LoraConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = TARGET_PRESETS["qv"]
     trainable: tuple[str, ...] = (rf"{tree_lib.HEAD}/.*",)
-    init_a: Literal["kaiming", "gaussian"] = "kaiming"
+    init_a: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
     rslora: bool = False
 
     def __post_init__(self):
@@ -92,8 +94,8 @@ class LoraConfig:
                 raise LoraError(f"LoRA alpha must be > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise LoraError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init_a not in ("kaiming", "gaussian"):
-            raise LoraError(f"init_a must be 'kaiming' or 'gaussian', got {self.init_a!r}")
+        if self.init_a not in ("kaiming", "gaussian", "pissa", "olora"):
+            raise LoraError(f"init_a must be kaiming, gaussian, pissa or olora, got {self.init_a!r}")
         for pattern in self.targets + self.trainable:
             try:
                 re.compile(pattern)
@@ -145,8 +147,11 @@ def _as_matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 def init(params: Params, cfg: LoraConfig, key: jax.Array) -> Adapters:
     """Fresh adapters for every target kernel; ``b = 0`` so ΔW = 0.
 
-    Returns ``{path: {"a": (d_in, r), "b": (r, d_out)}}`` in float32.
+    Returns ``{path: {"a": (d_in, r), "b": (r, d_out)}}`` in float32. (PiSSA and OLoRA start from the
+    base kernel instead: ``lora_init.init``.)
     """
+    if cfg.init_a not in ("kaiming", "gaussian"):
+        raise LoraError(f"lora.init makes kaiming or gaussian adapters; {cfg.init_a} is lora_init.init's")
     flat = flatten(params)
     adapters = {}
     paths = target_paths(params, cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import adaptive, lora, packing, weights
+from . import adaptive, lora, lora_init, packing, weights
 from . import batching
 from . import data as data_lib
 from . import tree as tree_lib
@@ -43,19 +44,24 @@ class Setup:
     buckets: tuple[int, ...]
     model_dir: Path
     batcher: packing.Batcher
+    # PiSSA / OLoRA: the adapters at step 0, {path: {"a", "b"}} (the frozen base is W minus their product);
+    # saving turns the trained ones into a plain adapter on the original base (lora_init.plain_equivalent).
+    initial: dict = dataclasses.field(default_factory=dict)
 
 
 def split_for_training(params: dict, lcfg: lora.LoraConfig, key: jax.Array, *, svd: bool = False,
-                       svd_init: str = "gaussian"):
-    """Add fresh adapters, label, and split: (trainable, frozen, label of each trainable path, counts).
+                       svd_init: str = "gaussian", adapters: dict | None = None):
+    """Add fresh adapters (or ``adapters``), label, and split: (trainable, frozen, label of each trainable
+    path, counts).
 
     Trained leaves are float32 masters whatever the base dtype. ``svd``: AdaLoRA's
     P·diag(λ)·Q adapters of rank ``lcfg.rank`` instead of LoRA's A·B.
     """
     tree = {tree_lib.PARAMS: params}
     if lcfg.targets:
-        tree[tree_lib.ADAPTERS] = (adaptive.init(params, lcfg.targets, lcfg.rank, key, svd_init) if svd
-                        else lora.init(params, lcfg, key))
+        tree[tree_lib.ADAPTERS] = (adapters if adapters is not None
+                                   else adaptive.init(params, lcfg.targets, lcfg.rank, key, svd_init) if svd
+                                   else lora.init(params, lcfg, key))
     label_tree = lora.labels(tree, lcfg)
     trainable, frozen = lora.partition(tree, label_tree)
     # Copies: the train state is donated, and must not take the caller's arrays with it.
@@ -135,16 +141,21 @@ def gradient_init(s: Setup, n_batches: int) -> dict[str, jax.Array]:
 def initial_trainable(cfg: TrainConfig, model_dir: Path, mcfg: ModelConfig):
     """The pretrained base with this run's fresh head and adapters, split for training.
 
-    Returns (load report, trainable, frozen, label of each trainable path, counts). The
-    random values depend on ``cfg.seed`` alone, so another framework can start from
-    exactly these (``scripts/train_torch.py --same-init``).
+    Returns (load report, trainable, frozen, label of each trainable path, counts, initial adapters of a
+    data-aware init or {}). The random values depend on ``cfg.seed`` alone, so another framework can
+    start from exactly these (``scripts/train_torch.py --same-init``). With ``--lora-init pissa|olora``
+    the frozen base is the residual W - s·A0·B0 (``lora_init``).
     """
     k_head, k_lora = jax.random.split(jax.random.key(cfg.seed))
     params, report = weights.load_params(model_dir, mcfg, key=k_head, param_dtype=cfg.param_dtype)
+    lcfg, initial = cfg.lora_config(), {}
+    if cfg.method == "lora" and lcfg.init_a in lora_init.DATA_AWARE:
+        initial = lora_init.init(params, lcfg)
+        params = lora_init.residual(params, initial, lcfg)
     # --adalora-init gradient starts from orthonormal P, Q; setup replaces them once the data is in.
     svd_init = "orthogonal" if cfg.adalora_init == "gradient" else cfg.adalora_init
-    return report, *split_for_training(params, cfg.lora_config(), k_lora, svd=cfg.method == "adalora",
-                                       svd_init=svd_init)
+    return report, *split_for_training(params, lcfg, k_lora, svd=cfg.method == "adalora", svd_init=svd_init,
+                                       adapters=initial or None), initial
 
 
 def setup(cfg: TrainConfig) -> Setup:
@@ -160,7 +171,7 @@ def setup(cfg: TrainConfig) -> Setup:
     train_ex = data_lib.load_split(task, "train", cfg.data_dir).head(cfg.max_train_examples)
     dev_ex = data_lib.load_dev(task, cfg.data_dir, cfg.dev_file, cfg.max_eval_examples)
     stage("loading parameters")
-    report, trainable, frozen, label_of, counts = initial_trainable(cfg, model_dir, mcfg)
+    report, trainable, frozen, label_of, counts, initial = initial_trainable(cfg, model_dir, mcfg)
     log.info(report.summary())
     lcfg = cfg.lora_config()
     if cfg.init_adapter:
@@ -179,7 +190,7 @@ def setup(cfg: TrainConfig) -> Setup:
                                             max_seq_len=cfg.max_seq_len, num_buckets=cfg.num_buckets, seed=cfg.seed)
                if len(train) >= cfg.batch_size else packing.Batcher(cfg.batching, buckets))  # fit says why not
     s = Setup(cfg, task, mcfg, lcfg, frozen, trainable, label_of, counts, report, tokenizer,
-              train, dev, buckets, model_dir, batcher)
+              train, dev, buckets, model_dir, batcher, initial)
     if cfg.method == "adalora" and cfg.adalora_init == "gradient" and lcfg.targets:
         s.trainable = gradient_init(s, cfg.adalora_init_batches)
     return s

@@ -117,6 +117,8 @@ def saved_for_backward_bytes(f, primal, *rest) -> int:
     ``f(primal, *rest)`` with respect to ``primal``: the residuals of ``jax.vjp``, found by tracing
     (nothing runs), the arguments themselves (weights, batch) not counted. This is the program
     JAX hands to XLA; XLA's fusion may store less."""
+    import jax
+    from jax.extend.core import Var
 
     def residuals(primal, *rest):
         return jax.tree.leaves(jax.vjp(lambda p: f(p, *rest), primal)[1])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import jax
 
-from . import adaptive, lora, packing, parallel, rundir
+from . import adaptive, lora, lora_init, packing, parallel, rundir
 from . import data as data_lib
 from .config import TrainConfig
 from .eval_step import evaluate, make_eval_step
@@ -159,6 +159,8 @@ def _save_adapters(out: Path, cfg: TrainConfig, s: Setup, state: TrainState, ada
 
     trained = {k: parallel.to_host(v) for k, v in state.trainable.items()}
     lcfg, ada_report, sizes = s.lcfg, None, (None, None)
+    if s.initial:  # PiSSA / OLoRA: the same function on the original base, never on the residual
+        trained, lcfg = lora_init.plain_equivalent(trained, s.initial, s.lcfg)
     if ada is not None:
         aux = jax.tree.map(parallel.to_host, state.aux)
         trained, ranks = adaptive.truncate(trained, aux, s.lcfg.scale)

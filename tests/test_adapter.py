@@ -132,6 +132,10 @@ def test_import_rejects_unsupported_peft_options(tiny_roberta, tmp_path):
     (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(AdapterError, match="IA3"):
         adapter_lib.import_peft(tmp_path / "p", params, mcfg)
+    # PiSSA saved without conversion: its factors belong to a residual base we cannot see.
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": "pissa_niter_4"}))
+    with pytest.raises(AdapterError, match="path_initial_model_for_weight_conversion"):
+        adapter_lib.import_peft(tmp_path / "p", params, mcfg)
 
 
 def test_adapter_round_trip_and_evaluate(tiny_runs, glue_dir, capsys):

@@ -52,23 +52,29 @@ def test_linear_of_one_adapter_scales_its_delta(w):
     np.testing.assert_allclose(delta(*out["k"]), w * delta(*ads[0]["k"], 2.0), atol=1e-12)
 
 
-@pytest.mark.parametrize("how", ["linear", "cat", "svd"])
-def test_each_method_matches_peft_add_weighted_adapter(how):
+def one_linear(d_in=12, d_out=10):
+    """A torch module with one Linear named ``lin``: the smallest thing peft adapts."""
     torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
 
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.lin = torch.nn.Linear(12, 10)
+            self.lin = torch.nn.Linear(d_in, d_out)
 
         def forward(self, x):
             return self.lin(x)
 
+    return Net()
+
+
+@pytest.mark.parametrize("how", ["linear", "cat", "svd"])
+def test_each_method_matches_peft_add_weighted_adapter(how):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
     rng = np.random.default_rng(2)
     ranks, alphas, weights = (4, 4), (8.0, 2.0), (0.7, -0.4)
     ads = random_adapters(rng, ranks=ranks, paths=("lin",))
-    model = peft.get_peft_model(Net(), peft.LoraConfig(r=ranks[0], lora_alpha=alphas[0], target_modules=["lin"]),
+    model = peft.get_peft_model(one_linear(), peft.LoraConfig(r=ranks[0], lora_alpha=alphas[0], target_modules=["lin"]),
                                 adapter_name="a0")
     model.add_adapter("a1", peft.LoraConfig(r=ranks[1], lora_alpha=alphas[1], target_modules=["lin"]))
     layer = model.base_model.model.lin
