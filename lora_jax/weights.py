@@ -157,8 +157,8 @@ def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
 
     out = {}
     try:
-        # framework="flax" reads bfloat16 too (numpy has no bfloat16).
-        with safe_open(str(file), framework="flax") as f:
+        # numpy (bfloat16 through ml_dtypes, which JAX brings): host arrays, and .T a view, not a copy.
+        with safe_open(str(file), framework="numpy") as f:
             for key in f.keys():
                 tensor = f.get_tensor(key)
                 path, transpose = torch_to_flax_name(key, tensor.ndim)
@@ -250,13 +250,18 @@ def load_params(
         with jax.default_device(cpu):
             key = jax.device_put(key if key is not None else jax.random.key(0), cpu)
             fresh = tree_lib.flatten(init_params(cfg, key))
-        flat.update({p: np.asarray(fresh[p]) for p in report.missing})
+            flat.update({p: np.asarray(fresh[p]) for p in report.missing})
+            del fresh
     flat.update({p: np.asarray(v) for p, v in loaded.items()})
-    report.fingerprint = fingerprint({p: flat[p] for p in loaded})
+    del tensors, loaded
+    report.fingerprint = fingerprint({p: flat[p] for p in expected if p not in report.missing})
     dtype = DTYPES[param_dtype]
-    flat = {p: jnp.asarray(flat[p].astype(dtype) if jnp.issubdtype(flat[p].dtype, jnp.floating) else flat[p])
-            for p in expected}
-    return tree_lib.unflatten(flat), report
+    out = {}
+    for p in expected:  # one leaf at a time: the host copy goes as its device copy comes
+        v = flat.pop(p)
+        out[p] = jnp.asarray(v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v)
+    return tree_lib.unflatten(out), report
+
 
 
 def from_pretrained(
