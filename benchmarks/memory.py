@@ -99,6 +99,13 @@ def stages(samples: list, marks: list) -> list[dict]:
     return list(out.values())
 
 
+def thin(samples: list, points: int = 1500) -> list:
+    """At most ``points`` samples for the record and the plot: the largest of each run of consecutive
+    samples, so that no peak is lost."""
+    step = -(-len(samples) // points) or 1
+    return [max(samples[i:i + step], key=lambda s: s[1]) for i in range(0, len(samples), step)]
+
+
 def markdown(record: dict) -> str:
     lines = common.header(f"Process memory of a training run, {record['task']}: lora-jax and PyTorch + peft",
                           date=record["date"], command=record["command"], device=record["device"])
@@ -204,7 +211,7 @@ def main() -> int:
                 "metric": report["metrics"][split]["final"]["values"][metric],
                 "stages": stages(res["samples"], res["marks"]),
                 "marks": [(round(t, 3), n) for t, n in res["marks"]],
-                "samples": [(round(t, 3), r) for t, r in res["samples"]],
+                "samples": [(round(t, 3), r) for t, r in thin(res["samples"])],
             }
             print(f"  peak {cells[name]['peak_rss_mib']:,} MiB", file=sys.stderr, flush=True)
     for method in methods:
