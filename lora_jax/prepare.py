@@ -186,8 +186,11 @@ def setup(cfg: TrainConfig) -> Setup:
     # kept as the baseline that length buckets are measured against).
     buckets = ((cfg.max_seq_len,) if cfg.num_buckets == 0
                else batching.bucket_lengths(cfg.max_seq_len, cfg.num_buckets, train.lengths))
+    spe = max(1, len(train) // cfg.batch_size)
+    epochs = math.ceil((cfg.max_steps or math.ceil(cfg.epochs * spe)) / spe)  # the epochs the run reaches
     batcher = (packing.Batcher.for_training(cfg.batching, train.lengths, buckets, batch_size=cfg.batch_size,
-                                            max_seq_len=cfg.max_seq_len, num_buckets=cfg.num_buckets, seed=cfg.seed)
+                                            max_seq_len=cfg.max_seq_len, num_buckets=cfg.num_buckets, seed=cfg.seed,
+                                            epochs=epochs)
                if len(train) >= cfg.batch_size else packing.Batcher(cfg.batching, buckets))  # fit says why not
     s = Setup(cfg, task, mcfg, lcfg, frozen, trainable, label_of, counts, report, tokenizer,
               train, dev, buckets, model_dir, batcher, initial)
