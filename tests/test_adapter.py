@@ -138,6 +138,7 @@ def test_import_rejects_unsupported_peft_options(tiny_roberta, tmp_path):
         adapter_lib.import_peft(tmp_path / "p", params, mcfg)
 
 
+@pytest.mark.slow  # two evaluations, each compiling the eval step: 16 s of the fast tier's 107
 def test_adapter_round_trip_and_evaluate(tiny_runs, glue_dir, capsys):
     run = tiny_runs["rte"]
     report = json.loads((run / "report.json").read_text())
