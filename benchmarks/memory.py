@@ -89,12 +89,11 @@ def stages(samples: list, marks: list) -> list[dict]:
     for t, t_next, name in segments(marks):
         inside = [r for ts, r in samples if t <= ts < t_next]
         before = [r for ts, r in samples if ts < t]
+        at_start = (before or inside or [0])[-1 if before else 0]
         s = out.setdefault(name, {"stage": name, "t": round(t, 2), "seconds": 0.0,
-                                  "rss_start_mib": round((before or inside or [0])[-1 if before else 0] / 2**20),
-                                  "rss_max_mib": 0})
+                                  "rss_start_mib": round(at_start / 2**20), "rss_max_mib": 0})
         end = min(t_next, samples[-1][0]) if samples else t
         s["seconds"] = round(s["seconds"] + max(0.0, end - t), 2)
-        at_start = (before or inside or [0])[-1 if before else 0]
         s["rss_max_mib"] = max(s["rss_max_mib"], round(max(inside, default=at_start) / 2**20))
     return list(out.values())
 

@@ -66,6 +66,7 @@ def combine_main(argv: list[str] | None = None) -> int:
     setup_logging(logging.WARNING)
     from . import adapter as adapter_lib
     from .combine import combine
+    from .export import check_output
     from .files import write_dir
     from .model import ModelConfig
 
@@ -74,12 +75,7 @@ def combine_main(argv: list[str] | None = None) -> int:
         named = [(name, *adapter_lib.load(Path(d))) for name, d in dirs.items()]
         weights = _weights(args.weights, len(named)) if args.weights else [1.0] * len(named)
         out = Path(args.out)
-        if out.exists() and not args.overwrite:
-            raise ConfigValueError(f"--out {out} already exists: choose a new directory, or pass --overwrite")
-        if out.resolve() in {Path(d).resolve() for d in dirs.values()}:
-            raise ConfigValueError(f"--out {out} is one of the inputs: choose a new directory")
-        if not out.parent.is_dir():
-            raise ConfigValueError(f"--out {out}: its parent directory {out.parent} does not exist")
+        check_output(out, "--out", dirs.values(), args.overwrite)
         rank = args.rank
         if args.how == "svd" and rank is None:
             rank = max(adapter_lib.lora_config(m, n).rank for n, m, _ in named)

@@ -27,9 +27,12 @@ def is_peft_dir(directory: Path) -> bool:
     return file.is_file() and "peft_type" in adapter_lib.read_json(file)
 
 
-def _check_output(out: Path, flag: str, adapter_dir: Path, overwrite: bool) -> None:
-    if out.resolve() == adapter_dir.resolve() or adapter_dir.resolve() in out.resolve().parents:
-        raise ExportError(f"{flag} {out} is inside the adapter directory {adapter_dir}: choose another")
+def check_output(out: Path, flag: str, inputs, overwrite: bool) -> None:
+    """Refuse, before any work, an output directory that would overwrite something: one inside (or equal
+    to) an input directory, one that exists (without ``overwrite``), a file, or one whose parent is missing."""
+    for src in map(Path, inputs):
+        if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+            raise ExportError(f"{flag} {out} is inside the adapter directory {src}: choose another")
     if out.exists() and not overwrite:
         raise ExportError(f"{flag} {out} already exists: choose a new directory, or pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
@@ -50,7 +53,7 @@ def export_adapter(adapter_dir: str, *, merged: str | None = None, peft: str | N
     if len(outs) == 2 and outs["merged"].resolve() == outs["peft"].resolve():
         raise ExportError(f"--merged and --peft name the same directory {merged}")
     for kind, out in outs.items():
-        _check_output(out, f"--{kind}", directory, overwrite)
+        check_output(out, f"--{kind}", [directory], overwrite)
     from_peft = directory.is_dir() and is_peft_dir(directory)
     mcfg, lcfg, trained, frozen, model_dir, meta = load_for_eval(str(directory), model=model, peft=from_peft,
                                                                   force_base=force_base)

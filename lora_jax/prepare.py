@@ -186,8 +186,7 @@ def setup(cfg: TrainConfig) -> Setup:
     # kept as the baseline that length buckets are measured against).
     buckets = ((cfg.max_seq_len,) if cfg.num_buckets == 0
                else batching.bucket_lengths(cfg.max_seq_len, cfg.num_buckets, train.lengths))
-    spe = max(1, len(train) // cfg.batch_size)
-    epochs = math.ceil((cfg.max_steps or math.ceil(cfg.epochs * spe)) / spe)  # the epochs the run reaches
+    epochs = math.ceil(planned_steps(cfg, len(train)) / max(1, len(train) // cfg.batch_size))  # that it reaches
     batcher = (packing.Batcher.for_training(cfg.batching, train.lengths, buckets, batch_size=cfg.batch_size,
                                             max_seq_len=cfg.max_seq_len, num_buckets=cfg.num_buckets, seed=cfg.seed,
                                             epochs=epochs)
@@ -207,7 +206,12 @@ def steps_per_epoch(s: Setup) -> int:
     return len(s.train) // s.cfg.batch_size
 
 
+def planned_steps(cfg: TrainConfig, n_train: int) -> int:
+    """The run's length in steps: ``--max-steps``, else ``--epochs`` of ``n_train // batch_size`` steps."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * (n_train // cfg.batch_size)))
+
+
 def total_steps(s: Setup) -> int:
-    if s.cfg.max_steps is not None:
-        return s.cfg.max_steps
-    return max(1, math.ceil(s.cfg.epochs * steps_per_epoch(s)))
+    return planned_steps(s.cfg, len(s.train))
