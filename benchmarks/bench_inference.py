@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Inference latency and throughput: base alone, merged adapter, unmerged (factored) adapter, and a
 mixed batch over K adapters (each example its own LoRA factors and head; one row per --mixed-impls
-strategy, see lora_jax.serve.GatheredKernel), at batch 1 and 32.
+strategy, see lora_jax.mixed.GatheredKernel), at batch 1 and 32.
 
 Random weights of the shape in a config.json and random adapters (LoRA r = 8 on query/value with
 non-zero B, random heads); sequence length fixed. Median over timed calls after warm-up, the clock
@@ -31,7 +31,7 @@ def main() -> int:
     p.add_argument("--batches", default="1,32")
     p.add_argument("--adapters", type=int, default=8, help="adapters in the mixed batch")
     p.add_argument("--mixed-impls", default="gather,masked,fused",
-                   help="mixed-batch strategies to time, comma-separated (lora_jax.serve.MIXED_IMPLS)")
+                   help="mixed-batch strategies to time, comma-separated (lora_jax.mixed.MIXED_IMPLS)")
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "results" / "inference"))
@@ -47,7 +47,7 @@ def main() -> int:
         print("error: --batches takes positive integers (1,32); --seq, --adapters must be > 0, --calls > 1",
               file=sys.stderr)
         return 2
-    from lora_jax.serve import MIXED_IMPLS
+    from lora_jax.mixed import MIXED_IMPLS
 
     impls = common.names(args.mixed_impls, MIXED_IMPLS, "--mixed-impls")
 
@@ -58,7 +58,7 @@ def main() -> int:
     from lora_jax import lora, profiling, weights
     from lora_jax.model import forward, init_params
     from lora_jax.report import write_text
-    from lora_jax.serve import mixed_forward, stack_adapters
+    from lora_jax.mixed import mixed_forward, stack_adapters
 
     mcfg = weights.read_config(Path(args.config), num_labels=2)
     params = init_params(mcfg, jax.random.key(0))

@@ -8,7 +8,8 @@ LoRA config, task and label names.
 
 peft format (``adapter_config.json`` + ``adapter_model.safetensors``): keys
 ``base_model.model.<bert|roberta>.<module>.lora_A.weight`` ``(r, in)`` and
-``lora_B.weight`` ``(out, r)``, i.e. torch's ``(out, in)`` layout, and the
+``lora_B.weight`` ``(out, r)``, i.e. torch's ``(out, in)`` layout, DoRA's
+``<module>.lora_magnitude_vector`` ``(out,)`` (config ``use_dora``), and the
 head under ``base_model.model.classifier.*`` (peft's ``modules_to_save``).
 """
 
@@ -179,8 +180,13 @@ def check_fits(trainable: dict, params: dict, where: str) -> None:
                 errors.append(f"adapted kernel {path} is not in the base model")
                 continue
             d_in, d_out = int(np.prod(np.shape(flat[path])[:-1])), int(np.shape(flat[path])[-1])
+            if factor == lora.MAGNITUDE:
+                if tuple(value.shape) != (d_out,):
+                    errors.append(f"{path}: DoRA magnitude of shape {tuple(value.shape)} does not fit "
+                                  f"a ({d_in}, {d_out}) kernel")
+                continue
             dim = value.shape[0] if factor == "a" else value.shape[1]
-            if dim != (d_in if factor == "a" else d_out):
+            if value.ndim != 2 or dim != (d_in if factor == "a" else d_out):
                 errors.append(f"{path}: LoRA {factor} of shape {tuple(value.shape)} does not fit "
                               f"a ({d_in}, {d_out}) kernel")
         else:
@@ -193,7 +199,6 @@ def check_fits(trainable: dict, params: dict, where: str) -> None:
 # ----------------------------------------------------------------------------- peft interop
 
 _PEFT_UNSUPPORTED = {
-    "use_dora": (False, None),
     "lora_bias": (False, None),
     "bias": ("none", None),
     "fan_in_fan_out": (False, None),
@@ -202,6 +207,9 @@ _PEFT_UNSUPPORTED = {
     "use_qalora": (False, None),
 }
 
+
+# DoRA's magnitude in a saved peft adapter (the module's ``lora_magnitude_vector.<name>.weight`` in memory).
+_PEFT_MAGNITUDE = "lora_magnitude_vector"
 
 # peft initialisations that change the base weights: an adapter saved without conversion needs that residual.
 _RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
@@ -231,6 +239,9 @@ def export_peft(directory: Path, trainable: dict, *, mcfg: ModelConfig, lcfg: lo
                 if r != lcfg.rank:  # adaptive-rank adapters: per-module rank, the same scale everywhere
                     rank_pattern[module] = r
                     alpha_pattern[module] = lcfg.scale * (math.sqrt(r) if lcfg.rslora else r)
+            if factor == lora.MAGNITUDE:
+                tensors[f"base_model.model.{module}.{_PEFT_MAGNITUDE}"] = value
+                continue
             name = "lora_A" if factor == "a" else "lora_B"
             tensors[f"base_model.model.{module}.{name}.weight"] = value.T
         else:
@@ -245,6 +256,7 @@ def export_peft(directory: Path, trainable: dict, *, mcfg: ModelConfig, lcfg: lo
         "lora_alpha": lcfg.alpha,
         "lora_dropout": lcfg.dropout,
         "use_rslora": lcfg.rslora,
+        "use_dora": lcfg.dora,
         # Exact module names: peft matches list entries by name or dotted suffix.
         "target_modules": sorted(modules),
         "rank_pattern": rank_pattern,
@@ -258,6 +270,13 @@ def export_peft(directory: Path, trainable: dict, *, mcfg: ModelConfig, lcfg: lo
     _save_tensors(directory / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
     write_bytes(directory / PEFT_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
     return size_bytes(directory)
+
+
+def _kernel_path(module: str, mcfg: ModelConfig) -> str:
+    """A peft module name (``roberta.encoder...query``) -> our kernel path (``encoder/.../query/kernel``)."""
+    if module.startswith(mcfg.model_type + "."):
+        module = module[len(mcfg.model_type) + 1:]
+    return module.replace(".", "/") + "/kernel"
 
 
 def import_peft(directory: Path, params: dict, mcfg: ModelConfig) -> tuple[lora.LoraConfig, dict[str, np.ndarray]]:
@@ -295,12 +314,11 @@ def import_peft(directory: Path, params: dict, mcfg: ModelConfig) -> tuple[lora.
         if not key.startswith(prefix):
             raise AdapterError(f"{directory}: unexpected tensor {key}")
         name = key[len(prefix):].replace(".modules_to_save.default", "")
-        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.default)?\.weight", name)
-        if m:
-            module = m.group(1)
-            if module.startswith(mcfg.model_type + "."):
-                module = module[len(mcfg.model_type) + 1:]
-            path = module.replace(".", "/") + "/kernel"
+        m = re.fullmatch(rf"(.+)\.(lora_A|lora_B|{_PEFT_MAGNITUDE})(?:\.default)?(?:\.weight)?", name)
+        if m and m.group(2) == _PEFT_MAGNITUDE:
+            trainable[tree_lib.adapter_key(_kernel_path(m.group(1), mcfg), lora.MAGNITUDE)] = value
+        elif m:
+            path = _kernel_path(m.group(1), mcfg)
             factor = "a" if m.group(2) == "lora_A" else "b"
             trainable[tree_lib.adapter_key(path, factor)] = value.T
             if factor == "a":
@@ -317,6 +335,11 @@ def import_peft(directory: Path, params: dict, mcfg: ModelConfig) -> tuple[lora.
             trainable[tree_lib.param_key(base_path)] = value
     if not paths:
         raise AdapterError(f"{directory} holds no LoRA tensors")
+    dora = bool(cfg.get("use_dora", False))
+    magnitudes = {tree_lib.adapter_path(k)[0] for k in trainable if k.endswith("/" + lora.MAGNITUDE)}
+    if magnitudes != (set(paths) if dora else set()):
+        raise AdapterError(f"{directory}: use_dora is {str(dora).lower()} but {len(magnitudes)} of its "
+                           f"{len(paths)} adapted modules have a {_PEFT_MAGNITUDE}")
     rslora = bool(cfg.get("use_rslora", False))
 
     def scale(alpha: float, r: int) -> float:
@@ -341,7 +364,7 @@ def import_peft(directory: Path, params: dict, mcfg: ModelConfig) -> tuple[lora.
     heads = sorted({tree_lib.param_path(k).split("/")[0] for k in tree_lib.base_only(trainable)})
     lcfg = lora.LoraConfig(
         rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
-        rslora=rslora,
+        rslora=rslora, dora=dora,
         targets=tuple(re.escape(p) for p in sorted(paths)),
         trainable=tuple(f"{re.escape(h)}/.*" for h in heads) or (rf"{tree_lib.HEAD}/.*",),
     )

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
            "kernel) or olora (from its QR decomposition), which train on the residual base W - s·A·B and save "
            "a plain rank-2r adapter for the original base")
     a("--rslora", action="store_const", const=True, help="scale by alpha/sqrt(r) instead of alpha/r")
+    a("--dora", action="store_const", const=True,
+      help="DoRA: also train a magnitude per output column; the adapted kernel is m·(W + sAB)/||W + sAB|| "
+           "(column norms, constant in the backward pass, as peft's use_dora)")
     a("--lora-forward", choices=("auto", "factored", "merged"),
       help="how the train step applies LoRA: merged W + sAB (auto's choice: faster) or factored "
            "x@W + s(x@A)@B (auto's choice with --lora-dropout or a bfloat16 --param-dtype)")

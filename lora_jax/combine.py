@@ -40,6 +40,9 @@ def factors(trained: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.nd
     for key, value in tree_lib.adapters_only(trained).items():
         path, factor = tree_lib.adapter_path(key)
         out.setdefault(path, {})[factor] = np.asarray(value, np.float64)
+    if any(lora.MAGNITUDE in f for f in out.values()):
+        raise CombineError("a DoRA adapter does not combine: its kernel is m·(W + ΔW) normalised per column, "
+                           "so weighted ΔWs do not add; export it merged instead")
     bad = [p for p, f in out.items() if set(f) != {"a", "b"}]
     if bad:
         raise CombineError(f"{bad[0]} holds factors {sorted(out[bad[0]])}, not a and b: only plain LoRA "

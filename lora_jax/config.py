@@ -38,6 +38,7 @@ class TrainConfig:
     targets: str = "qv"  # a preset name (qv, qkvo, all) or comma-separated regexes
     lora_init: str = "kaiming"
     rslora: bool = False
+    dora: bool = False  # DoRA (Liu et al., 2024): also train a magnitude per output column of each target
     # "factored" x@W + s(x@A)@B, "merged" x@(W + sAB), or "auto": merged (measured faster on CPU and
     # H100, results/bench/) unless LoRA dropout needs the factored form, or the base is stored in
     # bfloat16 (W + sAB would be rounded to bfloat16, losing the small early updates).
@@ -162,6 +163,12 @@ class TrainConfig:
                 raise ConfigValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
         if self.method != "full" and not self.target_patterns():
             raise ConfigValueError(f"--targets {self.targets!r} names no pattern: give qv, qkvo, all or regexes")
+        if self.dora and self.method != "lora":
+            raise ConfigValueError("--dora needs --method lora (full fine-tuning has no adapters; AdaLoRA's "
+                                   "factors are not DoRA's)")
+        if self.dora and self.lora_init in ("pissa", "olora"):
+            raise ConfigValueError(f"--dora starts from the base kernel's column norms: use it with --lora-init "
+                                   f"kaiming or gaussian, not {self.lora_init}")
         self.lora_config()  # raises LoraError on bad rank / alpha / dropout / patterns
         if self.init_adapter is not None and self.method != "lora":
             raise ConfigValueError("--init-adapter needs --method lora")
@@ -206,6 +213,7 @@ class TrainConfig:
             targets=self.target_patterns(),
             init_a=self.lora_init,
             rslora=self.rslora,
+            dora=self.dora and self.method == "lora",
         )
 
     def adalora_config(self, total_steps: int):

@@ -11,6 +11,10 @@ Conventions
 * Adapters are ``{kernel_path: {"a": (d_in, r), "b": (r, d_out)}}``, kept in
   float32 whatever the base dtype. ``b`` starts at zero, so ΔW = 0 at init.
 * ΔW = scale · a @ b, with scale = alpha / r (or alpha / sqrt(r) with rsLoRA).
+* DoRA (Liu et al., 2024) adds ``"m": (d_out,)``, a trained magnitude per output column: the
+  adapted kernel is m · (W + ΔW) / ||W + ΔW||_c, the norm taken over d_in for each column (torch's
+  rows) and treated as a constant in the backward pass (the paper's section 4.3, peft's form).
+  ``m`` starts at ||W||_c, so the adapted kernel starts at W.
 
 The "LoRA tree" that training, checkpoints and counts work on is
 ``{"params": params, "lora": adapters}``; :func:`labels` marks each of its
@@ -52,6 +56,7 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
 
 LORA, TRAINABLE, FROZEN = "lora", "trainable", "frozen"
 LORA_A, LORA_B = "lora_a", "lora_b"  # factor_labels: the adapters' label split by factor (LoRA+)
+MAGNITUDE = "m"  # DoRA's magnitude vector, a leaf beside "a" and "b"
 
 
 class LoraError(ValueError):
@@ -76,6 +81,7 @@ class LoraConfig:
         or "pissa" / "olora", A and B from the base kernel (``lora_init``, which also makes the
         residual base that these train on).
       rslora: use alpha / sqrt(r) (Kalajdzievski, 2023) instead of alpha / r.
+      dora: DoRA: each adapter also trains a magnitude vector ``m`` (see the module docstring).
     """
 
     rank: int = 8
@@ -85,6 +91,7 @@ class LoraConfig:
     trainable: tuple[str, ...] = (rf"{tree_lib.HEAD}/.*",)
     init_a: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
     rslora: bool = False
+    dora: bool = False
 
     def __post_init__(self):
         if self.targets:
@@ -96,6 +103,9 @@ class LoraConfig:
             raise LoraError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         if self.init_a not in ("kaiming", "gaussian", "pissa", "olora"):
             raise LoraError(f"init_a must be kaiming, gaussian, pissa or olora, got {self.init_a!r}")
+        if self.dora and self.init_a not in ("kaiming", "gaussian"):
+            raise LoraError(f"DoRA starts from the base kernel's column norms: use it with kaiming or gaussian "
+                            f"initialisation, not {self.init_a}")
         for pattern in self.targets + self.trainable:
             try:
                 re.compile(pattern)
@@ -147,7 +157,8 @@ def _as_matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 def init(params: Params, cfg: LoraConfig, key: jax.Array) -> Adapters:
     """Fresh adapters for every target kernel; ``b = 0`` so ΔW = 0.
 
-    Returns ``{path: {"a": (d_in, r), "b": (r, d_out)}}`` in float32. (PiSSA and OLoRA start from the
+    Returns ``{path: {"a": (d_in, r), "b": (r, d_out)}}`` in float32, with DoRA also
+    ``"m": ||W||_c (d_out,)``, so the adapted kernel starts at W. (PiSSA and OLoRA start from the
     base kernel instead: ``lora_init.init``.)
     """
     if cfg.init_a not in ("kaiming", "gaussian"):
@@ -168,7 +179,26 @@ def init(params: Params, cfg: LoraConfig, key: jax.Array) -> Adapters:
             bound = 1.0 / math.sqrt(d_in)
             a = jax.random.uniform(k, (d_in, cfg.rank), jnp.float32, -bound, bound)
         adapters[path] = {"a": a, "b": jnp.zeros((cfg.rank, d_out), jnp.float32)}
+        if cfg.dora:
+            adapters[path][MAGNITUDE] = column_norm(jnp.asarray(flat[path], jnp.float32))
     return adapters
+
+
+def column_norm(w: jax.Array) -> jax.Array:
+    """||w||_c: the L2 norm of each output column of a kernel ``(..., d_out)``, over all other axes -> (d_out,)."""
+    w = w.astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(jnp.square(w), axis=tuple(range(w.ndim - 1))))
+
+
+def dora_gain(v: jax.Array, m: jax.Array) -> jax.Array:
+    """m / ||v||_c (d_out,), float32, for the adapted direction v = W + ΔW; the norm is a constant to autodiff
+    (DoRA's memory-saving form, as peft computes it: no gradient flows through it)."""
+    return m.astype(jnp.float32) / jax.lax.stop_gradient(column_norm(v))
+
+
+def is_dora(adapters: dict) -> bool:
+    """Whether adapters (``{path: {...}}`` or nested by path) carry DoRA magnitudes."""
+    return any(MAGNITUDE in f for f in table(adapters).values())
 
 
 def delta(adapter: dict[str, jax.Array], cfg: LoraConfig) -> jax.Array:
@@ -187,17 +217,21 @@ def table(adapters: dict) -> Adapters:
     return out
 
 
+def merged_kernel(w: jax.Array, adapter: dict[str, jax.Array], cfg: LoraConfig) -> jax.Array:
+    """W + ΔW in float32 (W's shape); with DoRA, m · (W + ΔW) / ||W + ΔW||_c."""
+    v = w.astype(jnp.float32) + delta(adapter, cfg).reshape(w.shape)
+    return v * dora_gain(v, adapter[MAGNITUDE]) if MAGNITUDE in adapter else v
+
+
 def merge(params: Params, adapters: Adapters, cfg: LoraConfig) -> Params:
-    """A new tree with W + ΔW at each adapted kernel (fp32 sum, cast back to W's dtype).
+    """A new tree with the adapted kernel (:func:`merged_kernel`) at each target, cast back to W's dtype.
 
     Pure: ``params`` is not modified. The result runs in the plain model.
     """
     flat = flatten(params)
     out = dict(flat)
     for path, adapter in table(adapters).items():
-        w = flat[path]
-        merged = w.astype(jnp.float32) + delta(adapter, cfg).reshape(w.shape)
-        out[path] = merged.astype(w.dtype)
+        out[path] = merged_kernel(flat[path], adapter, cfg).astype(flat[path].dtype)
     return unflatten(out)
 
 
@@ -210,17 +244,22 @@ class LoraKernel:
     defer ``@`` to an unknown right operand, so ``__rmatmul__`` takes over and
     the model code needs no LoRA branch. ``w`` is the first leaf, so Flax's
     shape check against the declared kernel still applies.
+
+    With DoRA's magnitude ``m`` (d_out,) and g = m / ||W + ΔW||_c (a constant to autodiff), it computes
+    ``g · (x @ W + scale · x @ a @ b)``; with LoRA dropout, peft's form
+    ``x @ W + (g - 1) · (h @ W) + g · scale · h @ a @ b`` for h = dropout(x). DoRA forms W + ΔW for the norm.
     """
 
     w: jax.Array
     a: jax.Array
     b: jax.Array
     key: jax.Array | None = None
+    m: jax.Array | None = None
     scale: float = 1.0
     dropout: float = 0.0
 
     def tree_flatten(self):
-        return (self.w, self.a, self.b, self.key), (self.scale, self.dropout)
+        return (self.w, self.a, self.b, self.key, self.m), (self.scale, self.dropout)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -234,15 +273,17 @@ class LoraKernel:
     def dtype(self):
         return self.w.dtype
 
-    def factors(self) -> tuple[jax.Array, jax.Array]:
-        """The low-rank factors (a, b): the leaves ``compiler`` treats as such (in a gradient tree too)."""
-        return self.a, self.b
+    def factors(self) -> tuple[jax.Array, ...]:
+        """The adapter's small trained leaves (a, b, and DoRA's m): what ``compiler`` treats as low-rank
+        factors (in a gradient tree too)."""
+        return (self.a, self.b) if self.m is None else (self.a, self.b, self.m)
 
     def astype(self, dtype) -> "LoraKernel":
         # The compute dtype applies to the factors (the fp32 masters stay outside). ``w`` keeps
         # its stored dtype: the product casts it (compiler.cast_matmul), so a bfloat16 base's cast
-        # copy is not kept for the backward pass.
-        return LoraKernel(self.w, self.a.astype(dtype), self.b.astype(dtype), self.key, self.scale, self.dropout)
+        # copy is not kept for the backward pass. DoRA's gain is computed in float32 from m.
+        return LoraKernel(self.w, self.a.astype(dtype), self.b.astype(dtype), self.key, self.m, self.scale,
+                          self.dropout)
 
     def __rmatmul__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
@@ -250,8 +291,17 @@ class LoraKernel:
         # 2-D rows, as compiler.matmul_rows does for plain kernels: XLA's CPU backend runs the gradients
         # of (batch, seq, d) products (two contracting dimensions) in a slow loop.
         rows, h = x.reshape(-1, x.shape[-1]), h.reshape(-1, x.shape[-1])
-        low = (h @ self.a.astype(dt)) @ self.b.astype(dt)
-        y = cast_matmul(rows, self.w) + (self.scale * low).astype(dt)
+        low = self.scale * ((h @ self.a.astype(dt)) @ self.b.astype(dt))
+        base = cast_matmul(rows, self.w)
+        if self.m is None:
+            y = base + low.astype(dt)
+        else:
+            ab = jnp.matmul(self.a.astype(jnp.float32), self.b.astype(jnp.float32))
+            g = dora_gain(self.w.astype(jnp.float32) + self.scale * ab, self.m).astype(dt)
+            if self.dropout == 0 or self.key is None:
+                y = g * (base + low.astype(dt))
+            else:  # the base path sees x, the adapter's sees h: peft's form
+                y = base + (g - 1) * cast_matmul(h, self.w) + g * low.astype(dt)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -282,7 +332,7 @@ def apply(
         if w.ndim != 2:
             raise LoraError(f"the factored forward needs a 2-D kernel; {path} has shape {w.shape}")
         key = None if rng is None or cfg.dropout == 0 else jax.random.fold_in(rng, i)
-        out[path] = LoraKernel(w, adapter["a"], adapter["b"], key, cfg.scale, cfg.dropout)
+        out[path] = LoraKernel(w, adapter["a"], adapter["b"], key, adapter.get(MAGNITUDE), cfg.scale, cfg.dropout)
     return unflatten(out)
 
 
@@ -308,11 +358,12 @@ def labels(tree: dict, cfg: LoraConfig) -> dict:
 
 def factor_labels(label_of: dict[str, str]) -> dict[str, str]:
     """Flat labels with each LoRA leaf's "lora" split into "lora_a" and "lora_b" by its factor (the
-    path's last part), so an optimizer can treat B apart from A (LoRA+). Other labels are kept."""
+    path's last part), so an optimizer can treat B apart from A (LoRA+). DoRA's magnitude goes with B,
+    as in peft's ``create_loraplus_optimizer`` (every 1-D trained leaf there). Other labels are kept."""
     def split(path: str, label: str) -> str:
         if label != LORA:
             return label
-        return {"a": LORA_A, "b": LORA_B}.get(path.rpartition("/")[2], label)
+        return {"a": LORA_A, "b": LORA_B, MAGNITUDE: LORA_B}.get(path.rpartition("/")[2], label)
 
     return {p: split(p, label) for p, label in label_of.items()}
 
@@ -344,13 +395,3 @@ def count(tree: dict, label_tree: dict) -> dict[str, int]:
         counts[flat_labels[path]] += int(np.prod(np.shape(leaf)))
     counts["total"] = sum(counts.values())
     return counts
-
-
-def describe(counts: dict[str, int]) -> str:
-    """One line from :func:`count`'s result: what trains and how much of it."""
-    trained = counts[LORA] + counts[TRAINABLE]
-    return (
-        f"LoRA parameters: {counts[LORA]:,} | trained base parameters (head): {counts[TRAINABLE]:,} | "
-        f"frozen: {counts[FROZEN]:,} | trained: {trained:,} of {counts['total']:,} "
-        f"({100 * trained / max(counts['total'], 1):.3f}%)"
-    )

@@ -91,6 +91,9 @@ def warm_start(trainable: dict, adapter_dir: str, mcfg: ModelConfig, lcfg: lora.
                                        f"{adapter_lib.lora_config(meta).scale:g}, this run {lcfg.scale:g}: "
                                        "use the same --lora-rank and --lora-alpha")
     mine, theirs = set(tree_lib.adapters_only(trainable)), set(tree_lib.adapters_only(leaves))
+    if lora.is_dora(tree_lib.adapters_only(trainable)) != lora.is_dora(tree_lib.adapters_only(leaves)):
+        raise adapter_lib.AdapterError(f"--init-adapter {adapter_dir}: one of it and this run is DoRA "
+                                       "(--dora), the other not")
     if mine != theirs:
         raise adapter_lib.AdapterError(f"--init-adapter {adapter_dir} adapts other matrices than --targets here "
                                        f"({len(theirs) // 2} vs {len(mine) // 2})")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .files import save_figure, write_json, write_text
+from .lora import FROZEN, LORA, TRAINABLE
 from .metrics import is_trivial, trivial_warning
 
 log = logging.getLogger(__name__)
@@ -244,3 +245,13 @@ def adaptive_outputs(out: Path, ada, ranks: dict[str, int]) -> dict:
         save_figure(fig, d / "budget.png", dpi=120)
         plt.close(fig)
     return {**summary, "files": ["adaptive/ranks.json", "adaptive/ranks.png", "adaptive/budget.png"]}
+
+
+def describe_counts(counts: dict[str, int]) -> str:
+    """One line from ``lora.count``'s result: what trains and how much of it."""
+    trained = counts[LORA] + counts[TRAINABLE]
+    return (
+        f"LoRA parameters: {counts[LORA]:,} | trained base parameters (head): {counts[TRAINABLE]:,} | "
+        f"frozen: {counts[FROZEN]:,} | trained: {trained:,} of {counts['total']:,} "
+        f"({100 * trained / max(counts['total'], 1):.3f}%)"
+    )

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import jax
 
-from . import adaptive, lora, lora_init, packing, parallel, rundir
+from . import adaptive, lora_init, packing, parallel, rundir
 from . import data as data_lib
 from .config import TrainConfig
 from .eval_step import evaluate, make_eval_step
 from .files import write_json
 from .optim import make_optimizer
 from .profiling import stage
+from .report import describe_counts
 from .prepare import Setup, init_state, setup, steps_per_epoch, total_steps
 from .rundir import RunError  # noqa: F401  (raised by fit; callers catch it from here)
 from .train_step import PerShape, TrainState, make_train_step, model_inputs
@@ -215,7 +216,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     eval_step = make_eval_step(s.mcfg, s.lcfg, mesh)
     batcher = _batcher(s, mesh)
     eval_every, save_every = cfg.eval_every or spe, cfg.save_every or spe
-    log.info(lora.describe(s.counts))
+    log.info(describe_counts(s.counts))
 
     mngr = checkpoint.manager(out / "checkpoints", keep=cfg.keep_checkpoints)
     state, step, history, best = _restore(mngr, state, out, n_steps) if resume else (state, 0, [], {})

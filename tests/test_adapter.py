@@ -23,12 +23,15 @@ peft = pytest.importorskip("peft")
 
 
 def trained_leaves(params, lcfg, seed=0):
-    """LoRA factors with non-zero B and a random head, as after training."""
+    """LoRA factors with non-zero B (and DoRA magnitudes off their start) and a random head, as after training."""
     adapters = lora.init(params, lcfg, jax.random.key(seed))
     out = {}
     for i, (path, ad) in enumerate(adapters.items()):
         out[f"lora/{path}/a"] = np.asarray(ad["a"])
         out[f"lora/{path}/b"] = 0.2 * np.asarray(jax.random.normal(jax.random.key(100 + i), ad["b"].shape))
+        if "m" in ad:  # DoRA's magnitudes, moved off ||W||_c
+            out[f"lora/{path}/m"] = np.asarray(ad["m"]) * (1 + 0.2 * np.asarray(
+                jax.random.normal(jax.random.key(200 + i), ad["m"].shape)))
     for p, v in lora.flatten(params).items():
         if p.startswith("classifier/"):
             out[f"params/{p}"] = np.asarray(v) + 0.05
@@ -57,12 +60,17 @@ def torch_logits(model, ids, mask):
 
 @pytest.fixture(scope="module")
 def tiny_roberta(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_roberta")
+    return save_torch_checkpoint(tmp_path_factory.mktemp("tiny_roberta"), "roberta")
+
+
+def save_torch_checkpoint(directory, model_type, num_labels=2):
+    """A random tiny ``*ForSequenceClassification`` (vocabulary 99, 2 layers of width 32), saved by transformers."""
     torch.manual_seed(0)
-    tc = transformers.RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    intermediate_size=64, max_position_embeddings=40, num_labels=2)
-    transformers.RobertaForSequenceClassification(tc).save_pretrained(d)
-    return d
+    config = (transformers.RobertaConfig if model_type == "roberta" else transformers.BertConfig)(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=40, num_labels=num_labels)
+    transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
+    return directory
 
 
 def bases():
@@ -126,8 +134,12 @@ def test_import_rejects_unsupported_peft_options(tiny_roberta, tmp_path):
     lcfg = lora.LoraConfig(rank=2)
     adapter_lib.export_peft(tmp_path / "p", trained_leaves(params, lcfg), mcfg=mcfg, lcfg=lcfg, base_model="x")
     cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
-    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True, "bias": "all"}))
-    with pytest.raises(AdapterError, match=r"unsupported peft options: use_dora=True, bias='all'"):
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({**cfg, "lora_bias": True, "bias": "all"}))
+    with pytest.raises(AdapterError, match=r"unsupported peft options: lora_bias=True, bias='all'"):
+        adapter_lib.import_peft(tmp_path / "p", params, mcfg)
+    # DoRA is read, but a config that says so must come with every module's magnitude.
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(AdapterError, match="use_dora is true but 0 of its 4 adapted modules"):
         adapter_lib.import_peft(tmp_path / "p", params, mcfg)
     (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(AdapterError, match="IA3"):

@@ -234,11 +234,9 @@ peft = pytest.importorskip("peft")
 
 def test_truncated_adapter_exports_to_peft_with_rank_pattern(tmp_path):
     """Ranks 0..4 across matrices (one pruned to nothing): PeftModel loads it, same logits, and back."""
-    torch.manual_seed(0)
-    tc = transformers.RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    intermediate_size=64, max_position_embeddings=40, num_labels=2)
-    transformers.RobertaForSequenceClassification(tc).save_pretrained(tmp_path / "base")
-    mcfg, params, _ = weights.from_pretrained(str(tmp_path / "base"), num_labels=2)
+    from .test_adapter import save_torch_checkpoint
+
+    mcfg, params, _ = weights.from_pretrained(str(save_torch_checkpoint(tmp_path / "base", "roberta")), num_labels=2)
     lcfg = lora.LoraConfig(rank=4, alpha=8, targets=QV)
     adapters = adaptive.init(params, QV, 4, jax.random.key(0))
     trainable = {f"params/{p}": np.asarray(v) for p, v in lora.flatten(params).items() if p.startswith("classifier/")}

@@ -28,6 +28,14 @@ def lora_jax_logits(adapter_dir, ids, mask, peft_input=False):
     return adapted, mcfg
 
 
+def hf_logits(model_dir, ids, mask, peft_dir=None):
+    """Logits of a Hugging Face checkpoint in PyTorch, or of a peft adapter on that base (``peft_dir``)."""
+    if peft_dir is None:
+        return torch_logits(transformers.AutoModelForSequenceClassification.from_pretrained(model_dir).eval(), ids, mask)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    return torch_logits(peft.PeftModel.from_pretrained(base, peft_dir).eval(), ids, mask)
+
+
 def rewrite_adapter(src, dst, seed=0, rank=None):
     """A copy of a saved adapter with B (and the head) moved far from their init, as after a long run, so
     that ΔW shows in the logits; ``rank`` cuts A and B to fewer columns / rows."""
@@ -64,16 +72,12 @@ def test_export_merged_and_peft_give_our_logits(tiny_runs, tiny_bert_dir, tmp_pa
     ids, mask = batch(60, 0)
     ours, mcfg = lora_jax_logits(adapter, ids, mask)
     assert np.abs(ours).max() > 1e-3
-    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
-    assert merged.config.id2label == {0: "entailment", 1: "not_entailment"}
-    assert np.abs(torch_logits(merged, ids, mask) - ours).max() <= 1e-4
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
-    model = peft.PeftModel.from_pretrained(base, tmp_path / "p").eval()
-    assert np.abs(torch_logits(model, ids, mask) - ours).max() <= 1e-4
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "m").id2label == {0: "entailment", 1: "not_entailment"}
+    assert np.abs(hf_logits(tmp_path / "m", ids, mask) - ours).max() <= 1e-4
+    assert np.abs(hf_logits(tiny_bert_dir, ids, mask, peft_dir=tmp_path / "p") - ours).max() <= 1e-4
     # A peft adapter goes the same way: the one just written, merged.
     assert main(["export", "--adapter", str(tmp_path / "p"), "--merged", str(tmp_path / "m2")]) == 0
-    merged2 = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m2").eval()
-    assert np.abs(torch_logits(merged2, ids, mask) - ours).max() <= 1e-4
+    assert np.abs(hf_logits(tmp_path / "m2", ids, mask) - ours).max() <= 1e-4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
 
 

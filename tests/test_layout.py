@@ -44,6 +44,7 @@ def test_no_module_is_over_400_lines():
     ("files", set()),
     ("evaluate", {"train", "train_step", "optim", "prepare"}),  # inference never imports training
     ("serve", {"train", "train_step", "optim", "prepare"}),
+    ("mixed", {"train", "train_step", "optim", "prepare", "adapter", "serve"}),
     ("eval_step", {"train", "train_step", "optim", "prepare"}),
     ("export", {"train", "train_step", "optim", "prepare"}),
     ("combine", {"train", "train_step", "optim", "prepare", "model"}),  # factors in, factors out

@@ -10,6 +10,7 @@ import pytest
 from lora_jax import lora
 from lora_jax.lora import LoraConfig, LoraError
 from lora_jax.model import ModelConfig, forward, init_params, param_shapes
+from lora_jax.report import describe_counts
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=64, max_position_embeddings=40)
@@ -92,7 +93,7 @@ def test_roberta_base_counts():
     assert counts["lora"] == 12 * 2 * (768 * 8 + 8 * 768) == 294_912
     # RoBERTa head: dense 768x768 + bias, out_proj 768x2 + bias.
     assert counts["trainable"] == 768 * 768 + 768 + 768 * 2 + 2
-    print(lora.describe(counts))
+    print(describe_counts(counts))
 
 
 def test_labels_drive_partition_and_counts(params):

@@ -10,7 +10,8 @@ import pytest
 from lora_jax import lora, weights
 from lora_jax.cli import predict_main
 from lora_jax.model import ModelConfig, forward, init_params
-from lora_jax.serve import MIXED_IMPLS, PredictError, Predictor, export_merged, merged_params, mixed_forward, stack_adapters
+from lora_jax.mixed import MIXED_IMPLS, mixed_forward, stack_adapters
+from lora_jax.serve import PredictError, Predictor, export_merged, merged_params
 
 from .conftest import TINY, write_tiny_checkpoint
 from .test_adapter import batch, jax_logits, trained_leaves
@@ -51,12 +52,13 @@ def test_merged_export_loads_in_transformers(model_type, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", MIXED_IMPLS)
 def test_mixed_forward_equals_each_adapter_alone(impl):
-    # Three adapters of different ranks and targets (zero-padded in the bank); rows name them in
+    # Four adapters of different ranks, targets and kinds (zero-padded in the bank); rows name them in
     # mixed order, and one row is padded, so a row taking another's factors would show.
     mcfg = ModelConfig(model_type="bert", **{**TINY, "num_labels": 3})
     params = init_params(mcfg, jax.random.key(0))
     cfgs = [lora.LoraConfig(rank=2, alpha=4), lora.LoraConfig(rank=4, alpha=4),
-            lora.LoraConfig(rank=4, alpha=8, targets=lora.TARGET_PRESETS["all"])]
+            lora.LoraConfig(rank=4, alpha=8, targets=lora.TARGET_PRESETS["all"]),
+            lora.LoraConfig(rank=2, alpha=4, dora=True)]  # DoRA: a per-adapter gain on each column
     adapters = [trained_leaves(params, c, seed=s) for s, c in enumerate(cfgs)]
     for s, ad in enumerate(adapters):  # heads differ too
         for k in ad:
@@ -67,7 +69,7 @@ def test_mixed_forward_equals_each_adapter_alone(impl):
     frozen = {p: v for p, v in flat.items() if not p.startswith("classifier/")}
     ids, mask = batch(mcfg.vocab_size, mcfg.pad_token_id)
     ids, mask = np.concatenate([ids, ids[::-1]]), np.concatenate([mask, mask[::-1]])
-    idx = np.array([0, 2, 1, 1, 0, 2], np.int32)
+    idx = np.array([0, 2, 3, 1, 3, 2], np.int32)
     with jax.default_matmul_precision("highest"):
         mixed = np.asarray(mixed_forward(mcfg, bank, frozen, {"input_ids": ids, "attention_mask": mask},
                                          jax.numpy.asarray(idx), impl))
