@@ -165,12 +165,21 @@ METHODS = {
     "lora-qv-r16": ["--targets", "qv", "--lora-rank", "16", "--lora-alpha", "16"],
     # The same with the frozen base stored in bfloat16 (the memory lever): does it keep accuracy?
     "lora-qv-r8-bf16base": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--param-dtype", "bfloat16"],
+    # ... and quantized (QLoRA's setting: the frozen kernels in int8 or nf4, issue 32).
+    "lora-qv-r8-int8base": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--param-dtype", "int8"],
+    "lora-qv-r8-nf4base": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--param-dtype", "nf4"],
     # The robust-recipe study (results/robust-lora/): the batching before packing, a larger scale
     # (rsLoRA, alpha / sqrt(r) = 5.7), LoRA+ (B's learning rate 16x A's), the head alone first.
     "lora-qv-r8-bylength": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--batching", "by-length"],
     "lora-qv-r8-rslora16": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "16", "--rslora"],
     "lora-qv-r8-plus16": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--loraplus-lr-ratio", "16"],
     "lora-qv-r8-probe": ["--targets", "qv", "--lora-rank", "8", "--lora-alpha", "8", "--head-only-steps", "30"],
+    # peft's options at r = 8 (issue 33's grid): PiSSA's and OLoRA's starts from each kernel, DoRA; beside
+    # lora-*-r8 (kaiming) and lora-qv-r8-plus16 (LoRA+). train_torch.py gives each to peft.
+    **{f"lora-{t}-r8-{o}": ["--targets", t, "--lora-rank", "8", "--lora-alpha", "8", *flags]
+       for t in ("qv", "all") for o, flags in (("pissa", ["--lora-init", "pissa"]), ("olora", ["--lora-init", "olora"]),
+                                               ("dora", ["--dora"]))},
+    "lora-all-r8-plus16": ["--targets", "all", "--lora-rank", "8", "--lora-alpha", "8", "--loraplus-lr-ratio", "16"],
     "lora-all-r2": ["--targets", "all", "--lora-rank", "2", "--lora-alpha", "2"],
     "lora-all-r8": ["--targets", "all", "--lora-rank", "8", "--lora-alpha", "8"],
     # LoRA at the same 16x scale as the adalora-*-s16 variants below: the comparison at equal budget
@@ -202,7 +211,7 @@ def torch_flags(method: str) -> list[str]:
     if method.startswith("adalora"):
         raise SystemExit(f"error: the PyTorch reference has no {method}")
     if "--param-dtype" in METHODS[method]:
-        raise SystemExit(f"error: the PyTorch reference has no bfloat16 base ({method})")
+        raise SystemExit(f"error: the PyTorch reference has no bfloat16 or quantized base ({method})")
     return METHODS[method]  # train_torch.py takes the same flags
 
 

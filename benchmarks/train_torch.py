@@ -38,6 +38,8 @@ PEFT_TARGETS = {
     "qkvo": ["query", "key", "value", "attention.output.dense"],
     "all": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
 }
+# --lora-init -> peft's init_lora_weights (pissa: the exact SVD, as lora-jax computes it).
+PEFT_INITS = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
 
 def _orth(model):
@@ -113,6 +115,9 @@ def main() -> int:
     p.add_argument("--lora-alpha", type=float, default=8.0)
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--rslora", action="store_true", help="peft's use_rslora: scale alpha / sqrt(r)")
+    p.add_argument("--lora-init", choices=tuple(PEFT_INITS), default="kaiming",
+                   help="peft's init_lora_weights: kaiming (True), gaussian, pissa or olora")
+    p.add_argument("--dora", action="store_true", help="peft's use_dora")
     p.add_argument("--loraplus-lr-ratio", type=float, default=1.0,
                    help="LoRA+ through peft's create_loraplus_optimizer (which also gives every 1-D trainable "
                         "parameter, biases included, B's learning rate)")
@@ -157,6 +162,10 @@ def main() -> int:
     ckpt_file = out / "checkpoint.pt"
     if args.resume and args.method == "adalora":
         print("error: --resume is not supported for --method adalora (peft's allocator state is not saved)",
+              file=sys.stderr)
+        return 2
+    if args.same_init and (args.lora_init in ("pissa", "olora") or args.dora):
+        print("error: --same-init starts from lora-jax's kaiming or gaussian factors, not pissa, olora or DoRA's",
               file=sys.stderr)
         return 2
     if args.same_init and args.method == "adalora":
@@ -227,7 +236,8 @@ def main() -> int:
 
         model = peft.get_peft_model(model, peft.LoraConfig(
             task_type="SEQ_CLS", r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-            target_modules=PEFT_TARGETS[args.targets], use_rslora=args.rslora))
+            target_modules=PEFT_TARGETS[args.targets], use_rslora=args.rslora,
+            init_lora_weights=PEFT_INITS[args.lora_init], use_dora=args.dora))
     if args.same_init:
         load_same_init(model, args, task.num_labels)
     profiling.stage("placing state")

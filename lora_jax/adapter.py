@@ -23,12 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import lora
+from . import lora, quant
 from . import tree as tree_lib
 from .files import write_bytes
 from .model import ModelConfig
 
 FORMAT = "lora-jax-adapter"
+# Metadata of an adapter trained on a quantized base (quant.py): "int8" or "nf4". Loaders rebuild that base.
+BASE_QUANTIZATION = "base_quantization"
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter_config.json"
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -153,6 +155,17 @@ def lora_config(meta: dict, where: Path | str = "the adapter") -> lora.LoraConfi
         return lora.LoraConfig(**fields)
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterError(f"{where}: its LoRA settings are damaged ({type(e).__name__}: {e})") from None
+
+
+def base_as_trained(params: dict, meta: dict) -> dict:
+    """The base an adapter was trained on: for a quantized run, the dequantization of the same codes."""
+    kind = meta.get(BASE_QUANTIZATION)
+    if kind is None:
+        return params
+    if kind not in quant.QUANTIZED:
+        raise AdapterError(f"the adapter's {BASE_QUANTIZATION} {kind!r} is not one of "
+                           f"{', '.join(quant.QUANTIZED)}: a damaged adapter or a newer lora-jax")
+    return quant.round_trip(params, kind)
 
 
 def load(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:

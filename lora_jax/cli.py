@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import METHODS, XLA_SCHEDULERS, ConfigValueError, TrainConfig, preset
+from .config import METHODS, PARAM_DTYPES, XLA_SCHEDULERS, ConfigValueError, TrainConfig, preset
 from .batching import BATCHINGS
 from .cli_common import Parser, check_writable_file, named_dirs, setup_logging, user_errors
 from .files import write_text
@@ -100,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
            "probing, then fine-tuning (default 0)")
     a("--max-train-examples", type=int, help="use only the first N training examples")
     a("--max-eval-examples", type=int, help="use only the first N dev examples")
-    a("--param-dtype", choices=("float32", "bfloat16"), help="dtype of the frozen base (default float32)")
+    a("--param-dtype", choices=PARAM_DTYPES,
+      help="how the frozen base is stored (default float32): bfloat16, or its matrix kernels quantized with qwix: "
+           "int8 (absmax per output channel) or nf4 (QLoRA's 4-bit NormalFloat, blocks of 64), dequantized where "
+           "used. LoRA factors, head and optimizer state stay float32")
     a("--compute-dtype", choices=("float32", "bfloat16"), help="matmul dtype (default float32)")
     a("--remat", choices=("none", "attention", "cheap", "qkv", "full", "dots"),
       help="recompute activations in the backward pass: attention = the attention probabilities, cheap = "

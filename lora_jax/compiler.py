@@ -78,7 +78,12 @@ def cast_matmul(rows: jax.Array, w: jax.Array) -> jax.Array:
     keeps exactly what a float32 one keeps for the backward pass: benchmarks/bench.py counts it, and
     tests/test_readme.py asserts it for the "bf16-base+cheap" cell on every CI run.
     The recomputation is one cast per weight; the values are the same.
+
+    A quantized ``w`` (``quant.QuantizedKernel``, anything with ``dequantize``) is dequantized inside the
+    same kind of checkpoint, for the same reason: the backward pass dequantizes again.
     """
+    if hasattr(w, "dequantize"):
+        return _dequantize_then_matmul(rows, w)
     if w.dtype == rows.dtype:
         return rows @ w
     return _cast_then_matmul(rows, w)
@@ -87,6 +92,16 @@ def cast_matmul(rows: jax.Array, w: jax.Array) -> jax.Array:
 @jax.checkpoint
 def _cast_then_matmul(rows, w):
     return rows @ w.astype(rows.dtype)
+
+
+@jax.checkpoint
+def _dequantize_then_matmul(rows, w):
+    return rows @ w.dequantize(rows.dtype)
+
+
+def dense(w, dtype=jnp.float32) -> jax.Array:
+    """A stored weight as a plain array of ``dtype``: a cast, or a quantized weight's dequantization."""
+    return w.dequantize(dtype) if hasattr(w, "dequantize") else w.astype(dtype)
 
 
 # ----------------------------------------------------------------------------- LayerNorm

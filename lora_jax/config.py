@@ -12,12 +12,14 @@ from dataclasses import dataclass
 
 from .batching import BATCHINGS
 from .lora import TARGET_PRESETS, LoraConfig, full_finetuning
+from .quant import QUANTIZED
 
 METHODS = ("lora", "full", "adalora")
 # --xla-scheduler -> XLA:CPU's scheduler type: its default or its memory-optimised one (train.compiler_options).
 XLA_CPU_SCHEDULERS = {"default": "CPU_SCHEDULER_TYPE_DEFAULT", "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 XLA_SCHEDULERS = tuple(XLA_CPU_SCHEDULERS)
 MIN_SEQ_LEN = 8  # the shortest --max-seq-len that training and evaluation take
+PARAM_DTYPES = ("float32", "bfloat16", *QUANTIZED)
 
 
 class ConfigValueError(ValueError):
@@ -84,7 +86,7 @@ class TrainConfig:
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     # numerics and memory
-    param_dtype: str = "float32"  # dtype of the frozen base
+    param_dtype: str = "float32"  # dtype of the frozen base: float32, bfloat16, or quantized int8 / nf4 (quant.py)
     compute_dtype: str = "float32"
     # Recompute the attention probabilities and the GELU terms in the backward pass: the same loss,
     # gradients equal to 1e-6 (tests), 0.71x the LoRA step's peak memory on an H100 at no measured
@@ -163,6 +165,11 @@ class TrainConfig:
                 raise ConfigValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
         if self.method != "full" and not self.target_patterns():
             raise ConfigValueError(f"--targets {self.targets!r} names no pattern: give qv, qkvo, all or regexes")
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ConfigValueError(f"--param-dtype must be one of {', '.join(PARAM_DTYPES)}, got {self.param_dtype!r}")
+        if self.param_dtype in QUANTIZED and self.method == "full":
+            raise ConfigValueError(f"--param-dtype {self.param_dtype} quantizes the frozen base: full fine-tuning "
+                                   "freezes nothing")
         if self.dora and self.method != "lora":
             raise ConfigValueError("--dora needs --method lora (full fine-tuning has no adapters; AdaLoRA's "
                                    "factors are not DoRA's)")

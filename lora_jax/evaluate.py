@@ -56,6 +56,7 @@ def load_for_eval(adapter_dir: str, *, model: str | None = None, peft: bool = Fa
             )
         params, report = weights.load_params(model_dir, mcfg)
         adapter_lib.check_base(meta, report.fingerprint, base, f"the adapter in {directory}", force=force_base)
+        params = adapter_lib.base_as_trained(params, meta)
         lcfg = adapter_lib.lora_config(meta)
         adapter_lib.check_fits(trained, params, str(directory))
     frozen = {k: v for k, v in tree_lib.base_keys(params).items() if k not in trained}

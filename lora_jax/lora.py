@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import tree as tree_lib
-from .compiler import cast_matmul
+from .compiler import cast_matmul, dense
 from .dropout import dropout
 from .tree import flatten, unflatten
 
@@ -219,7 +219,7 @@ def table(adapters: dict) -> Adapters:
 
 def merged_kernel(w: jax.Array, adapter: dict[str, jax.Array], cfg: LoraConfig) -> jax.Array:
     """W + ΔW in float32 (W's shape); with DoRA, m · (W + ΔW) / ||W + ΔW||_c."""
-    v = w.astype(jnp.float32) + delta(adapter, cfg).reshape(w.shape)
+    v = dense(w) + delta(adapter, cfg).reshape(w.shape)
     return v * dora_gain(v, adapter[MAGNITUDE]) if MAGNITUDE in adapter else v
 
 
@@ -297,7 +297,7 @@ class LoraKernel:
             y = base + low.astype(dt)
         else:
             ab = jnp.matmul(self.a.astype(jnp.float32), self.b.astype(jnp.float32))
-            g = dora_gain(self.w.astype(jnp.float32) + self.scale * ab, self.m).astype(dt)
+            g = dora_gain(dense(self.w) + self.scale * ab, self.m).astype(dt)
             if self.dropout == 0 or self.key is None:
                 y = g * (base + low.astype(dt))
             else:  # the base path sees x, the adapter's sees h: peft's form
@@ -329,7 +329,7 @@ def apply(
     out = dict(flat)
     for i, (path, adapter) in enumerate(table(adapters).items()):
         w = flat[path]
-        if w.ndim != 2:
+        if len(w.shape) != 2:
             raise LoraError(f"the factored forward needs a 2-D kernel; {path} has shape {w.shape}")
         key = None if rng is None or cfg.dropout == 0 else jax.random.fold_in(rng, i)
         out[path] = LoraKernel(w, adapter["a"], adapter["b"], key, adapter.get(MAGNITUDE), cfg.scale, cfg.dropout)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import adaptive, lora, lora_init, packing, weights
+from . import adaptive, lora, lora_init, packing, quant, weights
 from . import batching
 from . import data as data_lib
 from . import tree as tree_lib
@@ -150,15 +150,21 @@ def initial_trainable(cfg: TrainConfig, model_dir: Path, mcfg: ModelConfig):
     the frozen base is the residual W - s·A0·B0 (``lora_init``).
     """
     k_head, k_lora = jax.random.split(jax.random.key(cfg.seed))
-    params, report = weights.load_params(model_dir, mcfg, key=k_head, param_dtype=cfg.param_dtype)
+    quantized = cfg.param_dtype in quant.QUANTIZED  # quantized once split: only frozen leaves are
+    params, report = weights.load_params(model_dir, mcfg, key=k_head,
+                                         param_dtype="float32" if quantized else cfg.param_dtype)
     lcfg, initial = cfg.lora_config(), {}
     if cfg.method == "lora" and lcfg.init_a in lora_init.DATA_AWARE:
         initial = lora_init.init(params, lcfg)
         params = lora_init.residual(params, initial, lcfg)
     # --adalora-init gradient starts from orthonormal P, Q; setup replaces them once the data is in.
     svd_init = "orthogonal" if cfg.adalora_init == "gradient" else cfg.adalora_init
-    return report, *split_for_training(params, lcfg, k_lora, svd=cfg.method == "adalora", svd_init=svd_init,
-                                       adapters=initial or None), initial
+    trainable, frozen, label_of, counts = split_for_training(params, lcfg, k_lora, svd=cfg.method == "adalora",
+                                                             svd_init=svd_init, adapters=initial or None)
+    del params
+    if quantized:
+        frozen = quant.store(frozen, cfg.param_dtype)
+    return report, trainable, frozen, label_of, counts, initial
 
 
 def setup(cfg: TrainConfig) -> Setup:

@@ -95,6 +95,9 @@ class Predictor:
         self.model_dir = weights.resolve(self.base)
         base_cfg = weights.read_config(self.model_dir, num_labels=first["model_config"]["num_labels"])
         self.params, report = weights.load_params(self.model_dir, base_cfg)
+        # One base for every adapter: the first adapter's (quantized, if it was trained so); _attach refuses others.
+        self.quantization = first.get(adapter_lib.BASE_QUANTIZATION)
+        self.params = adapter_lib.base_as_trained(self.params, first)
         self.base_hash = base_cfg.architecture_hash()
         self.base_fingerprint, self.force_base = report.fingerprint, force_base
         self.tokenizer = data_lib.load_tokenizer(str(self.model_dir))
@@ -115,6 +118,10 @@ class Predictor:
             raise adapter_lib.AdapterError(
                 f"adapter {name!r} was trained on another base ({meta['base_model']}), not {self.base}")
         adapter_lib.check_base(meta, self.base_fingerprint, self.base, f"adapter {name!r}", force=self.force_base)
+        if meta.get(adapter_lib.BASE_QUANTIZATION) != self.quantization:
+            raise adapter_lib.AdapterError(
+                f"adapter {name!r} was trained on a base stored as {meta.get(adapter_lib.BASE_QUANTIZATION) or 'float'}, "
+                f"the first adapter on {self.quantization or 'float'}: serve them from two predictors")
         num_labels = meta["model_config"]["num_labels"]
         mcfg = weights.read_config(self.model_dir, num_labels=num_labels)
         head_free = {p: v for p, v in tree_lib.flatten(self.params).items() if not tree_lib.is_head(p)}

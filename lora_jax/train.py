@@ -24,6 +24,7 @@ import jax
 from . import adaptive, lora_init, packing, parallel, rundir
 from . import data as data_lib
 from .config import TrainConfig
+from .quant import QUANTIZED
 from .eval_step import evaluate, make_eval_step
 from .files import write_json
 from .optim import make_optimizer
@@ -171,7 +172,9 @@ def _save_adapters(out: Path, cfg: TrainConfig, s: Setup, state: TrainState, ada
     if parallel.is_main_process():
         sizes = (adapter_lib.export(out / "adapter", trained, mcfg=s.mcfg, lcfg=lcfg, base_model=cfg.model,
                                     task=cfg.task, label_names=s.task.label_names, max_seq_len=cfg.max_seq_len,
-                                    base_fingerprint=s.load_report.fingerprint),
+                                    base_fingerprint=s.load_report.fingerprint,
+                                    extra=({adapter_lib.BASE_QUANTIZATION: cfg.param_dtype}
+                                           if cfg.param_dtype in QUANTIZED else None)),
                  adapter_lib.export_peft(out / "peft_adapter", trained, mcfg=s.mcfg, lcfg=lcfg, base_model=cfg.model)
                  if lcfg.targets else None)
     return trained, sizes, ada_report

@@ -99,6 +99,18 @@ def _torch_cmd(model, glue, out, *extra):
 
 
 @pytest.mark.slow
+def test_torch_reference_takes_peft_options(tiny_bert_dir, glue_dir, tmp_path):
+    """The grid's peft options reach peft: OLoRA's start and DoRA, in one short run."""
+    cmd = [*_torch_cmd(tiny_bert_dir, glue_dir, tmp_path / "r"), "--max-steps", "3", "--dora", "--lora-init", "olora"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((tmp_path / "r" / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["init_lora_weights"] == "olora"
+    bad = subprocess.run([*cmd, "--same-init"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--same-init" in bad.stderr
+
+
+@pytest.mark.slow
 def test_torch_reference_sigkill_then_resume(tiny_bert_dir, glue_dir, tmp_path):
     """The PyTorch reference continues a killed run from its checkpoint: the same trained adapter and
     losses as the run that was never stopped (LoRA dropout on, so the RNG state is restored too)."""

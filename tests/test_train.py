@@ -28,7 +28,7 @@ def run_steps(cfg, n, mode="factored"):
     s = setup(cfg)
     optimizer = make_optimizer(s.label_of, cfg, n)
     state = init_state(s, optimizer)
-    frozen_before = {k: np.array(v) for k, v in s.frozen.items()}
+    frozen_before = jax.tree.map(np.array, s.frozen)  # a quantized kernel is a tree of codes and scales
     trainable_before = {k: np.array(v) for k, v in s.trainable.items()}
     step = PerShape(make_train_step(s.mcfg, s.lcfg, optimizer, mode=mode, regression=s.task.is_regression))
     losses = []

@@ -1,0 +1,125 @@
+"""A quantized frozen base (``--param-dtype int8|nf4``), stored through qwix and dequantized where it is used.
+
+* ``int8``: one absmax scale per output channel (a kernel ``(d_in, d_out)`` has ``d_out`` scales).
+* ``nf4``: QLoRA's 4-bit NormalFloat (Dettmers et al., 2023): one absmax scale per block of 64 inputs of
+  each output column, each value the nearest of 16 levels placed at normal quantiles. (QLoRA also
+  quantizes the scales themselves; not done here: they are 1/64 of the codes' count, in float32.)
+
+The 4-bit codes are stored one per byte, as uint8: with jax 0.10.2 on the CPU, a 4-bit array made by
+one program cannot be passed to an ahead-of-time compiled one (the executable asks for the packed layout,
+the array reports the unpacked one, and the call is refused), so nf4 stores as many bytes as int8 here;
+its gain over int8 is accuracy at the same storage, not memory. The product converts the codes back to
+qwix's uint4 inside the program.
+
+Which leaves: the frozen matrix kernels (``.../kernel``, 2-D) whose input width the block divides; the
+task head trains, so it is never frozen here. Every other frozen leaf (embeddings, LayerNorms, biases)
+stays as loaded, float32: then evaluation and export, which rebuild the base in float32, compute exactly
+what the run computed (a bfloat16 embedding table would be summed in bfloat16 in the run only). LoRA
+factors, the head and the optimizer state stay float32.
+
+A stored kernel is a :class:`QuantizedKernel`: it stands in the parameter tree where the model computes
+``x @ kernel`` and dequantizes inside a ``jax.checkpoint`` (``compiler.cast_matmul``), so the backward
+pass dequantizes again instead of keeping a float copy of every kernel. Merging, evaluation, serving and
+export take ``dequantize`` of the same codes: the numbers the run trained against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+QUANTIZED = ("int8", "nf4")
+NF4_BLOCK = 64  # QLoRA's block size
+
+
+def _how(kind: str) -> dict:
+    """qwix's quantize arguments for a kernel (d_in, d_out)."""
+    if kind == "int8":
+        return {"qtype": jnp.int8, "channelwise_axes": (1,)}
+    if kind == "nf4":
+        return {"qtype": "nf4", "channelwise_axes": (1,), "tiled_axes": {0: NF4_BLOCK}}
+    raise ValueError(f"quantization must be one of {', '.join(QUANTIZED)}, got {kind!r}")
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclass
+class QuantizedKernel:
+    """A frozen kernel ``(d_in, d_out)`` stored as qwix codes and scales; dequantizes to float32.
+
+    ``astype`` keeps it stored (the model casts kernels to its compute dtype before ``@``); the product
+    dequantizes, once in the forward pass and again in the backward (``compiler.cast_matmul``).
+    """
+
+    q: object  # qwix.QArray: qvalue (d_in, d_out) first, so Flax's shape check sees the kernel's shape
+
+    def tree_flatten(self):
+        return (self.q,), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(*children)
+
+    @property
+    def shape(self):
+        return self.q.qvalue.shape
+
+    @property
+    def dtype(self):
+        return jnp.dtype(jnp.float32)
+
+    def astype(self, dtype) -> "QuantizedKernel":
+        return self
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        import qwix
+
+        return qwix.dequantize(self.q).astype(dtype)  # qwix reads nf4 codes from uint8 as from uint4
+
+    def __rmatmul__(self, x: jax.Array) -> jax.Array:
+        from .compiler import matmul_rows
+
+        return matmul_rows(x, self)
+
+
+def quantize_kernel(w, kind: str) -> QuantizedKernel:
+    """``w`` (d_in, d_out), any float dtype, quantized from its float32 values."""
+    import qwix
+
+    q = qwix.quantize(jnp.asarray(w, jnp.float32), **_how(kind))
+    if q.qvalue.dtype == jnp.uint4:  # one code per byte: see the module docstring
+        q = dataclasses.replace(q, qvalue=q.qvalue.astype(jnp.uint8))
+    return QuantizedKernel(q)
+
+
+def quantizable(path: str, leaf, kind: str) -> bool:
+    """A matrix kernel that ``kind`` can store (nf4: its input width a multiple of the block)."""
+    shape = np.shape(leaf)
+    return (path.endswith("/kernel") and len(shape) == 2
+            and (kind != "nf4" or shape[0] % NF4_BLOCK == 0))
+
+
+def store(frozen: dict, kind: str) -> dict:
+    """The flat frozen dict with its kernels quantized (:func:`quantizable`), the other leaves as they are.
+    One leaf at a time: the float32 copy of a kernel goes as its codes come."""
+    _how(kind)  # an unknown kind fails before any work
+    quantize = jax.jit(lambda w: quantize_kernel(w, kind))
+    out = {}
+    for path in list(frozen):
+        leaf = frozen.pop(path)
+        out[path] = quantize(leaf) if quantizable(path, leaf, kind) else leaf
+    return out
+
+
+def round_trip(params: dict, kind: str) -> dict:
+    """A nested parameter tree as a quantized run saw it: each quantizable kernel outside the head replaced by
+    the float32 dequantization of its codes. Evaluation, serving and export of an adapter trained on a
+    quantized base use this, so that their numbers are the run's."""
+    from . import tree as tree_lib
+
+    quantize = jax.jit(lambda w: quantize_kernel(w, kind).dequantize())
+    return tree_lib.unflatten({path: quantize(leaf) if quantizable(path, leaf, kind) and not tree_lib.is_head(path)
+                               else leaf for path, leaf in tree_lib.flatten(params).items()})
