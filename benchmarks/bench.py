@@ -56,6 +56,13 @@ VARIANTS = {
     "bf16-base+cheap": ("bfloat16", "float32", "cheap", "factored"),
     "remat": ("float32", "float32", "full", "factored"),
     "bf16": ("bfloat16", "bfloat16", "none", "factored"),
+    # The frozen kernels quantized with qwix (--param-dtype int8 / nf4; quant.py), the rest float32.
+    "int8-base": ("int8", "float32", "none", "factored"),
+    "int8-base+cheap": ("int8", "float32", "cheap", "factored"),
+    "nf4-base": ("nf4", "float32", "none", "factored"),
+    "nf4-base+cheap": ("nf4", "float32", "cheap", "factored"),
+    "int8-base+remat": ("int8", "float32", "full", "factored"),
+    "nf4-base+remat": ("nf4", "float32", "full", "factored"),
 }
 # Any lora-jax variant + this suffix: the train step compiled with XLA:CPU's memory-optimised scheduler
 # (train.py --xla-scheduler memory; no effect on GPU).
@@ -85,7 +92,9 @@ layer recomputed from its input and its kept q, k, v (`--remat qkv`: one 4H-wide
 layer recomputed); `bf16-base` the frozen base stored in bfloat16 (LoRA, head and optimizer state
 float32, compute float32); `+remat` / `remat` per-layer activation rematerialisation (`jax.checkpoint`,
 save nothing); `+cheap` the `remat-cheap` recomputation on a bfloat16 base; `bf16` bfloat16 base and
-bfloat16 compute; `+memsched` the same step compiled with XLA:CPU's memory-optimised scheduler
+bfloat16 compute; `int8-base` / `nf4-base` the frozen matrix kernels quantized with qwix (`--param-dtype int8|nf4`:
+int8 absmax per output channel, nf4 in blocks of 64 with one code per byte), dequantized inside a checkpoint
+where used, the rest float32; `+memsched` the same step compiled with XLA:CPU's memory-optimised scheduler
 (`--xla-scheduler memory`; CPU only). PyTorch `bf16` is `torch.autocast(bfloat16)` on float32 weights; PyTorch `remat` is
 transformers' gradient checkpointing of every layer (non-reentrant; only each layer's input kept). All cells: AdamW,
 batch and sequence as above, random weights and tokens; both frameworks build the weights on the host
@@ -120,7 +129,7 @@ def run_jax(cell: dict) -> dict:
     import jax
     import numpy as np
 
-    from lora_jax import lora, profiling, weights
+    from lora_jax import lora, profiling, quant, weights
     from lora_jax.cli import enable_compile_cache
     from lora_jax.config import TrainConfig
     from lora_jax.model import init_params
@@ -146,10 +155,13 @@ def run_jax(cell: dict) -> dict:
     cpu = weights.host_device()
     with jax.default_device(cpu):
         params = init_params(mcfg, jax.device_put(jax.random.key(0), cpu))
-        params = jax.tree.map(lambda x: x.astype(param_dtype), params)
+        if param_dtype not in quant.QUANTIZED:
+            params = jax.tree.map(lambda x: x.astype(param_dtype), params)
         trainable, frozen, label_of, counts = split_for_training(params, lcfg, jax.device_put(jax.random.key(1), cpu),
                                                                  svd=svd)
-    del params
+        del params
+        if param_dtype in quant.QUANTIZED:  # as prepare does: only frozen leaves, once split
+            frozen = quant.store(frozen, param_dtype)
     trainable, frozen = jax.device_put((trainable, frozen), jax.local_devices()[0])
     tcfg = TrainConfig(lr=1e-4, warmup_ratio=0.0)
     optimizer = make_optimizer(label_of, tcfg, 1000)
