@@ -79,11 +79,10 @@ def cast_matmul(rows: jax.Array, w: jax.Array) -> jax.Array:
     tests/test_readme.py asserts it for the "bf16-base+cheap" cell on every CI run.
     The recomputation is one cast per weight; the values are the same.
 
-    A quantized ``w`` (``quant.QuantizedKernel``, anything with ``dequantize``) is dequantized inside the
-    same kind of checkpoint, for the same reason: the backward pass dequantizes again.
+    A quantized ``w`` (``quant.QuantizedKernel``, anything with ``dequantize``): :func:`quantized_matmul`.
     """
     if hasattr(w, "dequantize"):
-        return _dequantize_then_matmul(rows, w)
+        return quantized_matmul(rows, w)
     if w.dtype == rows.dtype:
         return rows @ w
     return _cast_then_matmul(rows, w)
@@ -94,9 +93,35 @@ def _cast_then_matmul(rows, w):
     return rows @ w.astype(rows.dtype)
 
 
-@jax.checkpoint
-def _dequantize_then_matmul(rows, w):
-    return rows @ w.dequantize(rows.dtype)
+@jax.custom_vjp
+def quantized_matmul(rows: jax.Array, w) -> jax.Array:
+    """``rows @ dequantize(w)`` for a frozen quantized kernel: (N, d_in) -> (N, d_out).
+
+    Each dequantization waits for the array it multiplies (the forward pass's rows, the backward pass's
+    incoming gradient): 0 x one of its elements is added to the dequantized kernel, inside the fusion that
+    dequantizes. Without it XLA:CPU dequantized the kernels ahead of use and held them: at roberta-base shape
+    the LoRA step's temporaries with an int8 or nf4 base were 550 MiB against 262 MiB with a float32 base
+    (--remat full, memory-optimised scheduler; results/memory/quantized-base/). The codes are integers and
+    frozen: no gradient reaches them, and only the codes are kept for the backward pass.
+    """
+    return rows @ _dequantize_after(w, rows)
+
+
+def _dequantize_after(w, x: jax.Array) -> jax.Array:
+    """``w`` dequantized to ``x``'s dtype, made to depend on ``x`` (a NaN or inf in its first element reaches
+    the product, whose result it already reaches)."""
+    return w.dequantize(x.dtype) + 0 * x.reshape(-1)[0]
+
+
+def _quantized_fwd(rows, w):
+    return quantized_matmul(rows, w), w
+
+
+def _quantized_bwd(w, g):
+    return g @ _dequantize_after(w, g).T, None
+
+
+quantized_matmul.defvjp(_quantized_fwd, _quantized_bwd)
 
 
 def dense(w, dtype=jnp.float32) -> jax.Array:
