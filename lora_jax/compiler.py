@@ -97,12 +97,14 @@ def _cast_then_matmul(rows, w):
 def quantized_matmul(rows: jax.Array, w) -> jax.Array:
     """``rows @ dequantize(w)`` for a frozen quantized kernel: (N, d_in) -> (N, d_out).
 
-    Each dequantization waits for the array it multiplies (the forward pass's rows, the backward pass's
-    incoming gradient): 0 x one of its elements is added to the dequantized kernel, inside the fusion that
-    dequantizes. Without it XLA:CPU dequantized the kernels ahead of use and held them: at roberta-base shape
-    the LoRA step's temporaries with an int8 or nf4 base were 550 MiB against 262 MiB with a float32 base
-    (--remat full, memory-optimised scheduler; results/memory/quantized-base/). The codes are integers and
-    frozen: no gradient reaches them, and only the codes are kept for the backward pass.
+    In the forward pass (and in a rematerialised layer's recomputation) the dequantization waits for the rows:
+    0 x one of their elements is added to the dequantized kernel, inside the fusion that dequantizes. Without
+    it XLA:CPU dequantized the kernels ahead of use and held them: at roberta-base shape the LoRA step's
+    temporaries on an nf4 base were 532-550 MiB against 262 MiB on a float32 base (--remat full,
+    memory-optimised scheduler), 262 MiB with it (results/memory/quantized-base/). The backward pass's
+    dequantization is left free: tied to the incoming gradient as well, the --remat cheap step grew from
+    1,785 to 2,586 MiB. The codes are integers and frozen: no gradient reaches them, and only they are kept
+    for the backward pass.
     """
     return rows @ _dequantize_after(w, rows)
 
@@ -118,7 +120,7 @@ def _quantized_fwd(rows, w):
 
 
 def _quantized_bwd(w, g):
-    return g @ _dequantize_after(w, g).T, None
+    return g @ w.dequantize(g.dtype).T, None
 
 
 quantized_matmul.defvjp(_quantized_fwd, _quantized_bwd)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from lora_jax import lora
+from lora_jax import lora, quant
 from lora_jax.config import ConfigValueError, TrainConfig
 from lora_jax.model import ModelConfig, init_params
 from lora_jax.config import XLA_CPU_SCHEDULERS
@@ -19,13 +19,16 @@ B, T, H = 8, 128, 32
 ACTIVATION = B * T * H * 4  # bytes of one float32 (B, T, H) array
 
 
-def compiled_lora_grad(layers: int, remat: str, *, dropout: float = 0.0, scheduler: str = "default"):
-    """The compiled LoRA gradient (r = 4 on q, v) of a tiny BERT."""
-    cfg = ModelConfig(vocab_size=64, hidden_size=H, num_hidden_layers=layers, num_attention_heads=4,
-                      intermediate_size=4 * H, max_position_embeddings=T + 2, num_labels=2, remat=remat,
+def compiled_lora_grad(layers: int, remat: str, *, dropout: float = 0.0, scheduler: str = "default",
+                       hidden: int = H, base: str = "float32"):
+    """The compiled LoRA gradient (r = 4 on q, v) of a tiny BERT; ``base`` int8 or nf4 quantizes its frozen kernels."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                      intermediate_size=4 * hidden, max_position_embeddings=T + 2, num_labels=2, remat=remat,
                       hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     lcfg = lora.LoraConfig(rank=4, alpha=4, targets=lora.TARGET_PRESETS["qv"])
     trainable, frozen, _, _ = split_for_training(init_params(cfg, jax.random.key(0)), lcfg, jax.random.key(1))
+    if base != "float32":
+        frozen = quant.store(frozen, base)
     rng = np.random.default_rng(0)
     batch = {"input_ids": rng.integers(3, 64, (B, T)).astype(np.int32), "attention_mask": np.ones((B, T), np.int32),
              "token_type_ids": np.zeros((B, T), np.int32), "labels": rng.integers(0, 2, B).astype(np.int32)}
@@ -93,3 +96,15 @@ def test_each_layer_adds_the_same_work_without_layer_remat():
     two, four, eight = (lora_grad_instructions(n, "cheap", dropout=0.1) for n in (2, 4, 8))
     first, then = (four - two) / 2, (eight - four) / 4
     assert then <= 1.02 * first, (first, then)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", quant.QUANTIZED)
+def test_a_quantized_base_holds_no_dequantized_kernels(base):
+    # compiler.quantized_matmul: each dequantization waits for the rows it multiplies. Without that, XLA:CPU
+    # dequantized kernels ahead of their use and held them (at roberta-base shape 532 against 262 MiB of
+    # temporaries). One layer's kernels in float32 is the slack.
+    kw = dict(layers=8, remat="full", scheduler="memory", hidden=64)
+    layer_kernels = 4 * (4 * 64 * 64 + 2 * 64 * 256)
+    temps = lora_grad_temp_bytes(base=base, **kw)
+    assert temps <= lora_grad_temp_bytes(**kw) + layer_kernels, (temps, lora_grad_temp_bytes(**kw))
