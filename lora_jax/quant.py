@@ -12,10 +12,13 @@ its gain over int8 is accuracy at the same storage, not memory. The product conv
 qwix's uint4 inside the program.
 
 Which leaves: the frozen matrix kernels (``.../kernel``, 2-D) whose input width the block divides; the
-task head trains, so it is never frozen here. Every other frozen leaf (embeddings, LayerNorms, biases)
-stays as loaded, float32: then evaluation and export, which rebuild the base in float32, compute exactly
-what the run computed (a bfloat16 embedding table would be summed in bfloat16 in the run only). LoRA
-factors, the head and the optimizer state stay float32.
+task head trains, so it is never frozen here. The word embedding table, most of what is left (147 MiB of
+roberta-base's float32 arguments), is stored in bfloat16: its rows are added to the float32 position
+embeddings, which promotes them to float32 exactly, so the run computes what a float32 table holding the
+same rounded values computes. Every other frozen leaf stays float32 (in bfloat16 the three embeddings
+would be summed in bfloat16, in the run only). So evaluation and export, which rebuild the base in float32
+(:func:`round_trip`), give the run's own numbers. LoRA factors, the head and the optimizer state stay
+float32.
 
 A stored kernel is a :class:`QuantizedKernel`: it stands in the parameter tree where the model computes
 ``x @ kernel`` and dequantizes inside a ``jax.checkpoint`` (``compiler.cast_matmul``), so the backward
@@ -103,23 +106,35 @@ def quantizable(path: str, leaf, kind: str) -> bool:
 
 
 def store(frozen: dict, kind: str) -> dict:
-    """The flat frozen dict with its kernels quantized (:func:`quantizable`), the other leaves as they are.
-    One leaf at a time: the float32 copy of a kernel goes as its codes come."""
+    """The flat frozen dict (``params/<path>`` keys) with its kernels quantized (:func:`quantizable`), the word
+    embeddings in bfloat16, the other leaves as they are. One leaf at a time: the float32 copy of a kernel
+    goes as its codes come."""
+    from . import tree as tree_lib
+
     _how(kind)  # an unknown kind fails before any work
     quantize = jax.jit(lambda w: quantize_kernel(w, kind))
     out = {}
-    for path in list(frozen):
-        leaf = frozen.pop(path)
-        out[path] = quantize(leaf) if quantizable(path, leaf, kind) else leaf
+    for key in list(frozen):
+        leaf, path = frozen.pop(key), tree_lib.param_path(key)
+        out[key] = (quantize(leaf) if quantizable(path, leaf, kind)
+                    else jnp.asarray(leaf, jnp.bfloat16) if path == tree_lib.WORD_EMBEDDINGS else leaf)
     return out
 
 
 def round_trip(params: dict, kind: str) -> dict:
-    """A nested parameter tree as a quantized run saw it: each quantizable kernel outside the head replaced by
-    the float32 dequantization of its codes. Evaluation, serving and export of an adapter trained on a
-    quantized base use this, so that their numbers are the run's."""
+    """A nested parameter tree as a quantized run saw it, in float32: each quantizable kernel outside the head
+    replaced by the dequantization of its codes, the word embeddings rounded to bfloat16 and back. Evaluation,
+    serving and export of an adapter trained on a quantized base use this, so that their numbers are the
+    run's."""
     from . import tree as tree_lib
 
     quantize = jax.jit(lambda w: quantize_kernel(w, kind).dequantize())
-    return tree_lib.unflatten({path: quantize(leaf) if quantizable(path, leaf, kind) and not tree_lib.is_head(path)
-                               else leaf for path, leaf in tree_lib.flatten(params).items()})
+
+    def as_trained(path, leaf):
+        if quantizable(path, leaf, kind) and not tree_lib.is_head(path):
+            return quantize(leaf)
+        if path == tree_lib.WORD_EMBEDDINGS:
+            return jnp.asarray(leaf, jnp.bfloat16).astype(jnp.float32)
+        return leaf
+
+    return tree_lib.unflatten({path: as_trained(path, leaf) for path, leaf in tree_lib.flatten(params).items()})

@@ -20,6 +20,8 @@ HEAD = "classifier"
 # The head's last projection (BERT, RoBERTa): its width is the number of labels.
 HEAD_OUTPUT_KERNELS = ("classifier/kernel", "classifier/out_proj/kernel")
 HEAD_OUTPUT = (*HEAD_OUTPUT_KERNELS, "classifier/bias", "classifier/out_proj/bias")
+# The token embedding table (vocabulary x hidden): most of a base's weights outside its kernels.
+WORD_EMBEDDINGS = "embeddings/word_embeddings/embedding"
 # What a checkpoint may lack and still be a base: the head, and BERT's pooler.
 NEW_FOR_TASK = ("classifier/", "pooler/")
 

@@ -58,12 +58,15 @@ def test_store_quantizes_frozen_kernels_and_keeps_the_rest(kind):
     frozen = {"params/encoder/a/kernel": rng.standard_normal((64, 16)).astype(np.float32),
               "params/encoder/b/kernel": rng.standard_normal((32, 16)).astype(np.float32),  # 32: not nf4's block
               "params/embeddings/word_embeddings/embedding": rng.standard_normal((64, 16)).astype(np.float32),
+              "params/embeddings/position_embeddings/embedding": rng.standard_normal((8, 16)).astype(np.float32),
               "params/encoder/a/bias": rng.standard_normal(16).astype(np.float32)}
     stored = quant.store(dict(frozen), kind)
     assert set(stored) == set(frozen)
     for k, v in stored.items():
         if k.endswith("/kernel") and (kind == "int8" or "/a/" in k):
             assert isinstance(v, quant.QuantizedKernel) and v.shape == frozen[k].shape, k
+        elif "word_embeddings" in k:  # the largest leaf left: bfloat16, promoted exactly where it is used
+            assert v.dtype == jnp.bfloat16, k
         else:
             assert v is frozen[k], k
 
