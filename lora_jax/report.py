@@ -38,6 +38,13 @@ def _layout(r: dict) -> str:
     return f"{b['batching']} batches, length buckets {r['buckets']}"
 
 
+def _base_storage(param_dtype: str) -> str:
+    if param_dtype in ("int8", "nf4"):
+        how = "absmax per output channel" if param_dtype == "int8" else "4-bit NormalFloat, blocks of 64"
+        return f"{param_dtype} matrix kernels ({how}), word embeddings bfloat16, the rest float32"
+    return param_dtype
+
+
 def markdown(r: dict) -> str:
     c = r["config"]
     lines = [
@@ -69,6 +76,7 @@ def markdown(r: dict) -> str:
         "|---|---|",
         f"| trainable parameters | {r['trainable_params']:,} (LoRA {r['lora_params']:,}, head {r['head_params']:,}) |",
         f"| total parameters | {r['total_params']:,} |",
+        f"| frozen base stored as | {_base_storage(c.get('param_dtype', 'float32'))} |",
         f"| adapter on disk | {_kib(r.get('adapter_bytes'))} (peft format: {_kib(r.get('peft_adapter_bytes'))}); "
         f"a full fp32 copy of the model: {_mib(r.get('full_model_fp32_bytes'))} |",
         f"| steps | {r['steps']} ({r['epochs_run']} epochs of {r['train_examples']:,} examples) |",

@@ -150,6 +150,7 @@ def test_a_quantized_run_keeps_its_codes_and_evaluates_exports_and_serves_as_it_
     fit(cfg, progress=False)
     run = tmp_path / "run"
     report = json.loads((run / "report.json").read_text())
+    assert "| frozen base stored as | int8 matrix kernels" in (run / "report.md").read_text()
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())[adapter_lib.BASE_QUANTIZATION] == "int8"
     assert evaluate_adapter(str(run / "adapter"), data_dir=str(glue_dir), batch_size=8) == {
         "dev": report["metrics"]["dev"]["final"]["values"]}
