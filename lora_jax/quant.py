@@ -105,36 +105,39 @@ def quantizable(path: str, leaf, kind: str) -> bool:
             and (kind != "nf4" or shape[0] % NF4_BLOCK == 0))
 
 
-def store(frozen: dict, kind: str) -> dict:
-    """The flat frozen dict (``params/<path>`` keys) with its kernels quantized (:func:`quantizable`), the word
-    embeddings in bfloat16, the other leaves as they are. One leaf at a time: the float32 copy of a kernel
-    goes as its codes come."""
+def _storer(kind: str):
+    """``stored(path, leaf)``: a frozen leaf as ``kind`` stores it (one rule for :func:`store` and
+    :func:`round_trip`): a quantizable kernel's codes, the word embeddings in bfloat16, any other leaf as is."""
     from . import tree as tree_lib
 
     _how(kind)  # an unknown kind fails before any work
     quantize = jax.jit(lambda w: quantize_kernel(w, kind))
-    out = {}
-    for key in list(frozen):
-        leaf, path = frozen.pop(key), tree_lib.param_path(key)
-        out[key] = (quantize(leaf) if quantizable(path, leaf, kind)
-                    else jnp.asarray(leaf, jnp.bfloat16) if path == tree_lib.WORD_EMBEDDINGS else leaf)
-    return out
+
+    def stored(path: str, leaf):
+        if quantizable(path, leaf, kind):
+            return quantize(leaf)
+        return jnp.asarray(leaf, jnp.bfloat16) if path == tree_lib.WORD_EMBEDDINGS else leaf
+
+    return stored
+
+
+def store(frozen: dict, kind: str) -> dict:
+    """The flat frozen dict (``params/<path>`` keys), each leaf as ``kind`` stores it. One leaf at a time: the
+    float32 copy of a kernel goes as its codes come."""
+    from . import tree as tree_lib
+
+    stored = _storer(kind)
+    return {key: stored(tree_lib.param_path(key), frozen.pop(key)) for key in list(frozen)}
 
 
 def round_trip(params: dict, kind: str) -> dict:
-    """A nested parameter tree as a quantized run saw it, in float32: each quantizable kernel outside the head
-    replaced by the dequantization of its codes, the word embeddings rounded to bfloat16 and back. Evaluation,
-    serving and export of an adapter trained on a quantized base use this, so that their numbers are the
-    run's."""
+    """A nested parameter tree as a quantized run saw it, in float32: every leaf outside the head as ``kind``
+    stores it (:func:`store`), then read back (a kernel's codes dequantized, the bfloat16 word embeddings
+    widened). Evaluation, serving and export of an adapter trained on a quantized base use this, so that
+    their numbers are the run's."""
     from . import tree as tree_lib
+    from .compiler import dense
 
-    quantize = jax.jit(lambda w: quantize_kernel(w, kind).dequantize())
-
-    def as_trained(path, leaf):
-        if quantizable(path, leaf, kind) and not tree_lib.is_head(path):
-            return quantize(leaf)
-        if path == tree_lib.WORD_EMBEDDINGS:
-            return jnp.asarray(leaf, jnp.bfloat16).astype(jnp.float32)
-        return leaf
-
-    return tree_lib.unflatten({path: as_trained(path, leaf) for path, leaf in tree_lib.flatten(params).items()})
+    stored = _storer(kind)
+    return tree_lib.unflatten({path: leaf if tree_lib.is_head(path) else dense(stored(path, leaf), leaf.dtype)
+                               for path, leaf in tree_lib.flatten(params).items()})
