@@ -203,6 +203,10 @@ METHODS = {
 # the default schedule, which does most of its pruning early, ranks triplets on noise.
 METHODS.update({f"adalora-t{n}-s16-late": [*METHODS[f"adalora-t{n}-s16"], "--adalora-warmup-frac", "0.5",
                                             "--adalora-final-frac", "0.25"] for n in (2, 8)})
+# Every LoRA recipe above without a ratio of its own is plain LoRA (B's learning rate A's), as it was
+# measured before LoRA+ became lora-jax's default (config.DEFAULT_LORAPLUS_RATIO).
+METHODS.update({name: [*flags, "--loraplus-lr-ratio", "1"] for name, flags in METHODS.items()
+                if "--method" not in flags and "--loraplus-lr-ratio" not in flags})
 
 
 

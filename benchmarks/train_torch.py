@@ -40,6 +40,9 @@ PEFT_TARGETS = {
 }
 # --lora-init -> peft's init_lora_weights (pissa: the exact SVD, as lora-jax computes it).
 PEFT_INITS = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+# lora-jax's default LoRA+ ratio for --method lora (config.DEFAULT_LORAPLUS_RATIO; importing the config would
+# import JAX into this PyTorch process, so the value is repeated and tests/test_grid.py keeps the two equal).
+DEFAULT_LORAPLUS_RATIO = 16.0
 
 
 def _orth(model):
@@ -118,9 +121,10 @@ def main() -> int:
     p.add_argument("--lora-init", choices=tuple(PEFT_INITS), default="kaiming",
                    help="peft's init_lora_weights: kaiming (True), gaussian, pissa or olora")
     p.add_argument("--dora", action="store_true", help="peft's use_dora")
-    p.add_argument("--loraplus-lr-ratio", type=float, default=1.0,
+    p.add_argument("--loraplus-lr-ratio", type=float,
                    help="LoRA+ through peft's create_loraplus_optimizer (which also gives every 1-D trainable "
-                        "parameter, biases included, B's learning rate)")
+                        "parameter, biases included, B's learning rate, and no weight decay); default 16 for "
+                        "--method lora as in lora-jax, 1 (plain AdamW) otherwise")
     p.add_argument("--batching", choices=("random", "by-length"), default="random",
                    help="random: a shuffle cut into batches (lora-jax's packed and random batches hold the same "
                         "examples); by-length: lora-jax's length-grouped batches")
@@ -170,6 +174,12 @@ def main() -> int:
         return 2
     if args.same_init and args.method == "adalora":
         print("error: --same-init supports --method lora and full (AdaLoRA's P, Q differ in layout from peft's)",
+              file=sys.stderr)
+        return 2
+    if args.loraplus_lr_ratio is None:
+        args.loraplus_lr_ratio = DEFAULT_LORAPLUS_RATIO if args.method == "lora" else 1.0
+    if not args.loraplus_lr_ratio > 0 or (args.loraplus_lr_ratio != 1 and args.method != "lora"):
+        print(f"error: --loraplus-lr-ratio must be > 0, and 1 unless --method lora; got {args.loraplus_lr_ratio}",
               file=sys.stderr)
         return 2
     if args.save_every is not None and args.save_every < 1:
@@ -385,6 +395,7 @@ def main() -> int:
         "command": " ".join(["python", *sys.argv]),
         "task": args.task,
         "method": args.method,
+        "loraplus_lr_ratio": args.loraplus_lr_ratio,
         "model": args.model,
         "metrics": {s: {"final": {"step": step, "values": v}} for s, v in results.items()},
         "primary_metric": f"{task.dev_splits[0]}/{task.primary}",

@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--group-by-length", dest="batching", action="store_const", const="by-length",
       help="the same as --batching by-length")
     a("--loraplus-lr-ratio", type=float,
-      help="LoRA+: B's learning rate is this many times --lr, A's is --lr (default 1: plain LoRA; the paper uses 16)")
+      help="LoRA+: B's learning rate is this many times --lr, A's is --lr (default 16 for --method lora, as the "
+           "LoRA+ paper uses; it left the trivial plateau where plain LoRA stayed on it, results/robust-lora/). "
+           "1 is plain LoRA, the LoRA paper's recipe (--preset paper sets it)")
     a("--head-only-steps", type=int,
       help="train the head alone for the first N steps (the adapters' learning rate is 0), then both: linear "
            "probing, then fine-tuning (default 0)")

@@ -65,5 +65,6 @@ def trivial_warning(split: str, values: dict[str, float]) -> str:
     what = (f"{values['majority_share']:.0%} of its {split} predictions are one class"
             if "majority_share" in values else
             f"its {split} predictions vary {values['std_ratio']:.2f}x as much as the labels")
-    return (f"warning: the run ended at the trivial solution ({what}); try --loraplus-lr-ratio 16 (it left this "
-            "plateau on MRPC where plain LoRA did not, results/robust-lora/), more --epochs, or a higher --lr")
+    return (f"warning: the run ended at the trivial solution ({what}); try more --epochs, a higher --lr, or, if "
+            "the run set a lower --loraplus-lr-ratio, the default 16 (it left this plateau on MRPC where plain LoRA "
+            "did not, results/robust-lora/)")

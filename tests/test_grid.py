@@ -106,6 +106,11 @@ def test_torch_reference_takes_peft_options(tiny_bert_dir, glue_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     config = json.loads((tmp_path / "r" / "adapter" / "adapter_config.json").read_text())
     assert config["use_dora"] is True and config["init_lora_weights"] == "olora"
+    # The reference's default LoRA+ ratio is lora-jax's (repeated there so that it never imports JAX).
+    from lora_jax.config import TrainConfig
+
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["loraplus_lr_ratio"] == \
+        TrainConfig(method="lora").loraplus_lr_ratio
     bad = subprocess.run([*cmd, "--same-init"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--same-init" in bad.stderr
 

@@ -3,7 +3,8 @@
 Reference (PyTorch + peft, same model, LoRA r=8 on q,v, lr 5e-4, batch 32): dev accuracy
 0.78 after 100 steps and 0.81 after 300; the majority class is 0.51. lora-jax, the same settings,
 once on this 2-core CPU: 0.767 at step 100, 0.791 at 150, 0.800 at 300
-(results/ci/sst2-learning-curve/). The test stops at 160 steps, with the bar at 0.75 as before.
+(results/ci/sst2-learning-curve/). The test stops at 160 steps, with the bar at 0.75 as before. Since
+2026-12-07 it trains the default recipe, LoRA+ (B's learning rate 16x A's); the figures above are plain LoRA's.
 """
 
 import pytest

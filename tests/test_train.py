@@ -235,12 +235,37 @@ def _first_updates(cfg: TrainConfig, steps: int) -> list[dict]:
 
 
 def test_loraplus_gives_b_that_many_times_a_learning_rate():
-    plain = _first_updates(TrainConfig(lr=1e-3, warmup_ratio=0.0, weight_decay=0.0), 1)[0]
-    plus = _first_updates(TrainConfig(lr=1e-3, warmup_ratio=0.0, weight_decay=0.0, loraplus_lr_ratio=16), 1)[0]
+    plain = _first_updates(TrainConfig(lr=1e-3, warmup_ratio=0.0, weight_decay=0.0, loraplus_lr_ratio=1.0), 1)[0]
+    plus = _first_updates(TrainConfig(lr=1e-3, warmup_ratio=0.0, weight_decay=0.0, loraplus_lr_ratio=4), 1)[0]
     assert plain["lora/q/kernel/b"] == pytest.approx(plain["lora/q/kernel/a"])
-    assert plus["lora/q/kernel/b"] == pytest.approx(16 * plus["lora/q/kernel/a"], rel=1e-4)
+    assert plus["lora/q/kernel/b"] == pytest.approx(4 * plus["lora/q/kernel/a"], rel=1e-4)
     assert plus["lora/q/kernel/a"] == pytest.approx(plain["lora/q/kernel/a"])
     assert plus["params/classifier/kernel"] == pytest.approx(plain["params/classifier/kernel"])
+    # --method lora with no ratio given is LoRA+ at the default ratio.
+    default = _first_updates(TrainConfig(lr=1e-3, warmup_ratio=0.0, weight_decay=0.0), 1)[0]
+    assert default["lora/q/kernel/b"] == pytest.approx(16 * default["lora/q/kernel/a"], rel=1e-4)
+
+
+def test_the_default_loraplus_ratio_is_the_methods_and_the_paper_preset_is_plain_lora(tmp_path):
+    from lora_jax.config import DEFAULT_LORAPLUS_RATIO, preset
+    from lora_jax.rundir import check_resumable
+
+    assert DEFAULT_LORAPLUS_RATIO == 16
+    assert TrainConfig().loraplus_lr_ratio == DEFAULT_LORAPLUS_RATIO
+    for method in ("full", "adalora"):  # no B to speed up: the default must not refuse them
+        cfg = TrainConfig(method=method)
+        cfg.validate()
+        assert cfg.loraplus_lr_ratio == 1.0
+    assert TrainConfig(**preset("paper", "rte")).loraplus_lr_ratio == 1.0
+    assert TrainConfig(loraplus_lr_ratio=1.0).to_dict()["loraplus_lr_ratio"] == 1.0
+    # A run whose config.json predates the flag trained plain LoRA: resuming it with the new default
+    # must be refused, and with --loraplus-lr-ratio 1 allowed.
+    old = TrainConfig(task="mrpc").to_dict()
+    del old["loraplus_lr_ratio"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(Exception, match="loraplus_lr_ratio"):
+        check_resumable(tmp_path, TrainConfig(task="mrpc"))
+    check_resumable(tmp_path, TrainConfig(task="mrpc", loraplus_lr_ratio=1.0))
 
 
 def test_head_only_steps_hold_the_adapters_then_train_them():
