@@ -207,6 +207,10 @@ METHODS.update({f"adalora-t{n}-s16-late": [*METHODS[f"adalora-t{n}-s16"], "--ada
 # measured before LoRA+ became lora-jax's default (config.DEFAULT_LORAPLUS_RATIO).
 METHODS.update({name: [*flags, "--loraplus-lr-ratio", "1"] for name, flags in METHODS.items()
                 if "--method" not in flags and "--loraplus-lr-ratio" not in flags})
+# The rank a user would have to choose (issue 34's baseline): LoRA on every linear layer at each rank, the
+# scale alpha / r = 1 at every rank, lora-jax's default recipe otherwise (LoRA+ since 2026-12-07).
+METHODS.update({f"rank-all-r{r}": ["--targets", "all", "--lora-rank", str(r), "--lora-alpha", str(r)]
+                for r in (1, 2, 4, 8, 16, 32)})
 
 
 
