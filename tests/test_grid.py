@@ -8,7 +8,10 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+from lora_jax.config import TrainConfig
 
 from .conftest import ROOT
 
@@ -107,8 +110,6 @@ def test_torch_reference_takes_peft_options(tiny_bert_dir, glue_dir, tmp_path):
     config = json.loads((tmp_path / "r" / "adapter" / "adapter_config.json").read_text())
     assert config["use_dora"] is True and config["init_lora_weights"] == "olora"
     # The reference's default LoRA+ ratio is lora-jax's (repeated there so that it never imports JAX).
-    from lora_jax.config import TrainConfig
-
     assert json.loads((tmp_path / "r" / "report.json").read_text())["loraplus_lr_ratio"] == \
         TrainConfig(method="lora").loraplus_lr_ratio
     bad = subprocess.run([*cmd, "--same-init"], capture_output=True, text=True, timeout=300)
@@ -184,6 +185,52 @@ def test_every_grid_method_is_a_valid_training_config():
         elif name.startswith("lora-all"):
             want = 16.0 if "-s16" in name else 1.0
             assert cfg.lora_alpha / cfg.lora_rank == want, name
+        if name.startswith("lora-") and "plus" not in name:  # measured as plain LoRA before LoRA+ was the default
+            assert cfg.loraplus_lr_ratio == 1.0, name
+        if name.startswith("rank-all-r"):  # issue 34's baseline: scale 1, the default recipe
+            assert cfg.lora_alpha == cfg.lora_rank and cfg.loraplus_lr_ratio == TrainConfig().loraplus_lr_ratio
+
+
+def _cells(task: str, cells: dict[str, list[float]], steps: dict[str, float] | None = None) -> list[dict]:
+    stat = lambda xs: {"median": float(np.median(xs)), "min": min(xs), "max": max(xs), "n": len(xs)}
+    return [{"task": task, "method": m, "metric": "dev/accuracy", "dev": stat(xs), "trainable_params": 1000 * (i + 1),
+             "step_time_s": {"median": (steps or {}).get(m, 0.1)}, "trivial_seeds": 0}
+            for i, (m, xs) in enumerate(cells.items())]
+
+
+@pytest.mark.slow
+def test_rank_baseline_script_writes_its_table_and_plot(tmp_path):
+    grid = {"name": "g", "command": "python benchmarks/grid.py", "device": {"platform": "cpu"}, "versions": {},
+            "cells": _cells("sst2", {"rank-all-r1": [0.8, 0.81, 0.82], "rank-all-r8": [0.83, 0.84, 0.85],
+                                     "torch:rank-all-r8": [0.1, 0.1, 0.1]})}
+    (tmp_path / "summary.json").write_text(json.dumps(grid))
+    script = [sys.executable, str(ROOT / "benchmarks" / "rank_baseline.py")]
+    done = subprocess.run([*script, "--grids", str(tmp_path / "summary.json"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    md = (tmp_path / "out" / "rank-baseline.md").read_text()
+    assert "**Oracle** (best median, in hindsight): r = 8, 0.8400" in md and "torch" not in md.split("## sst2")[1]
+    assert (tmp_path / "out" / "rank-baseline.png").stat().st_size > 1000
+    bad = subprocess.run([*script, "--grids", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nope.json" in bad.stderr
+
+
+def test_rank_baseline_finds_the_oracle_the_typical_run_and_judges_candidates():
+    b = _script("rank_baseline").baseline(_cells("rte", {
+        "rank-all-r2": [0.50, 0.55, 0.60], "rank-all-r4": [0.60, 0.61, 0.62], "rank-all-r8": [0.56, 0.57, 0.70],
+        "rank-all-r16": [0.61, 0.61, 0.61], "cand-good": [0.60, 0.606, 0.7], "cand-bad": [0.5, 0.56, 0.9]},
+        steps={"rank-all-r8": 0.2, "cand-good": 0.21}))
+    assert [f["rank"] for f in b["fixed"]] == [2, 4, 8, 16]
+    # Ties between r = 4 and r = 16 (0.61) go to the smaller rank.
+    assert b["oracle"] == {"rank": 4, "median": 0.61}
+    assert b["typical"] == {"rank": 8, "median": 0.57}
+    assert b["median_over_ranks"] == pytest.approx(np.median([0.55, 0.61, 0.57, 0.61]))
+    good, bad = b["candidates"]
+    assert good["within_oracle"] and good["at_least_typical"] and good["at_least_median_over_ranks"]
+    assert good["step_vs_typical"] == pytest.approx(1.05)
+    assert not bad["within_oracle"] and not bad["at_least_typical"] and not bad["at_least_median_over_ranks"]
+    assert bad["step_vs_typical"] == pytest.approx(0.5)
 
 
 def test_adaptive_report_pairs_each_adalora_method_with_lora_at_its_budget():
