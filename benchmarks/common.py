@@ -211,6 +211,8 @@ METHODS.update({name: [*flags, "--loraplus-lr-ratio", "1"] for name, flags in ME
 # scale alpha / r = 1 at every rank, lora-jax's default recipe otherwise (LoRA+ since 2026-12-07).
 METHODS.update({f"rank-all-r{r}": ["--targets", "all", "--lora-rank", str(r), "--lora-alpha", str(r)]
                 for r in (1, 2, 4, 8, 16, 32)})
+# ... and the rank chosen for the user: `--lora-rank auto` (a mean budget of 8, the same scale 1).
+METHODS["rank-all-auto"] = ["--targets", "all", "--lora-rank", "auto", "--lora-alpha", "8"]
 
 
 

@@ -15,7 +15,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import METHODS, PARAM_DTYPES, XLA_SCHEDULERS, ConfigValueError, TrainConfig, preset
+from .config import (AUTO_ALLOCATION, METHODS, PARAM_DTYPES, RANK_ALLOCATIONS, XLA_SCHEDULERS, ConfigValueError,
+                     TrainConfig, preset)
 from .batching import BATCHINGS
 from .cli_common import Parser, check_writable_file, named_dirs, setup_logging, user_errors
 from .files import write_text
@@ -34,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dev-file", help="a TSV file to evaluate on instead of the default dev split")
     a("--method", choices=METHODS, help=f"default {d.method}")
     a("--preset", choices=("paper", "tiny"), help="paper: the LoRA paper's per-task hyperparameters; tiny: tests")
-    a("--lora-rank", type=int, help=f"default {d.lora_rank}")
+    a("--lora-rank", type=_rank, help=f"r of every target (default {d.lora_rank}); or auto: ranks chosen per "
+      f"matrix from the data, {d.lora_rank} on average (--rank-allocation {AUTO_ALLOCATION})")
+    a("--rank-allocation", choices=RANK_ALLOCATIONS,
+      help="fixed: --lora-rank for every target (default); eva: --lora-rank is the mean budget, and each matrix's "
+           "rank and A come from the top singular directions of its inputs over the first batches (EVA-style)")
     a("--lora-alpha", type=float, help=f"default {d.lora_alpha}")
     a("--lora-dropout", type=float, help=f"default {d.lora_dropout}")
     a("--targets", help="qv, qkvo, all, or comma-separated regexes over parameter paths (default qv)")
@@ -141,12 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rank(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a positive integer or auto, got {text!r}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict = {}
     if args.preset:
         values.update(preset(args.preset, args.task))
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    if values.get("lora_rank") == "auto":  # the mean budget stays the default rank
+        del values["lora_rank"]
+        if values.setdefault("rank_allocation", AUTO_ALLOCATION) == "fixed":
+            raise ConfigValueError("--lora-rank auto chooses the ranks: not with --rank-allocation fixed")
     return TrainConfig(**values)
 
 

@@ -23,6 +23,11 @@ PARAM_DTYPES = ("float32", "bfloat16", *QUANTIZED)
 # LoRA+'s ratio for --method lora when none is given: B's learning rate 16x A's left the trivial plateau
 # where plain LoRA stayed on it, and led plain LoRA on MRPC, RTE and SST-2 (results/robust-lora/).
 DEFAULT_LORAPLUS_RATIO = 16.0
+# How each target's rank is set: "fixed", --lora-rank everywhere; "eva", --lora-rank is the mean budget and
+# every matrix's rank and A come from its inputs over the first batches (eva.py). --lora-rank auto picks
+# AUTO_ALLOCATION, the only candidate measured so far (results/rank-baseline/).
+RANK_ALLOCATIONS = ("fixed", "eva")
+AUTO_ALLOCATION = "eva"
 
 
 class ConfigValueError(ValueError):
@@ -42,6 +47,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     targets: str = "qv"  # a preset name (qv, qkvo, all) or comma-separated regexes
     lora_init: str = "kaiming"
+    rank_allocation: str = "fixed"  # one of RANK_ALLOCATIONS
     rslora: bool = False
     dora: bool = False  # DoRA (Liu et al., 2024): also train a magnitude per output column of each target
     # "factored" x@W + s(x@A)@B, "merged" x@(W + sAB), or "auto": merged (measured faster on CPU and
@@ -194,6 +200,16 @@ class TrainConfig:
             if self.init_adapter is not None:
                 raise ConfigValueError(f"--lora-init {self.lora_init} and --init-adapter both set the starting "
                                        "factors: choose one")
+        if self.rank_allocation not in RANK_ALLOCATIONS:
+            raise ConfigValueError(f"--rank-allocation must be one of {', '.join(RANK_ALLOCATIONS)}, "
+                                   f"got {self.rank_allocation!r}")
+        if self.rank_allocation != "fixed":
+            if self.method != "lora":
+                raise ConfigValueError(f"--rank-allocation {self.rank_allocation} (--lora-rank auto) needs --method "
+                                       "lora")
+            if self.lora_init in ("pissa", "olora") or self.init_adapter is not None:
+                raise ConfigValueError(f"--rank-allocation {self.rank_allocation} (--lora-rank auto) sets A from the "
+                                       "data: not with --lora-init pissa/olora or --init-adapter")
         if self.adalora_init not in ("gaussian", "orthogonal", "gradient"):
             raise ConfigValueError(f"--adalora-init must be gaussian, orthogonal or gradient, "
                                    f"got {self.adalora_init!r}")

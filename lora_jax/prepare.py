@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import adaptive, lora, lora_init, packing, quant, weights
+from . import adaptive, eva, lora, lora_init, packing, quant, weights
 from . import batching
 from . import data as data_lib
 from . import tree as tree_lib
@@ -47,6 +47,8 @@ class Setup:
     # PiSSA / OLoRA: the adapters at step 0, {path: {"a", "b"}} (the frozen base is W minus their product);
     # saving turns the trained ones into a plain adapter on the original base (lora_init.plain_equivalent).
     initial: dict = dataclasses.field(default_factory=dict)
+    # --lora-rank auto: the rank each target received, {path: r} (0: no adapter); {} with fixed ranks.
+    ranks: dict = dataclasses.field(default_factory=dict)
 
 
 def split_for_training(params: dict, lcfg: lora.LoraConfig, key: jax.Array, *, svd: bool = False,
@@ -141,6 +143,47 @@ def gradient_init(s: Setup, n_batches: int) -> dict[str, jax.Array]:
     return out
 
 
+def eva_init(s: Setup, n_batches: int = eva.INIT_BATCHES) -> None:
+    """Replace ``s``'s adapters (rank ``lcfg.rank`` everywhere) by ranks and A chosen from the data (eva.py).
+
+    Every target kernel's input second moment is summed over the first ``n_batches`` batches of epoch 0
+    (the pretrained base, the head at its init, no dropout, padding left out). Labels, counts and
+    ``s.ranks`` follow; DoRA's magnitudes are kept for the matrices that keep an adapter.
+    """
+    old = {k for k in s.trainable if tree_lib.is_adapter(k)}
+    paths = sorted({tree_lib.adapter_path(k)[0] for k in old})
+    head = tree_lib.base_only(s.trainable)
+    mcfg = dataclasses.replace(s.mcfg, remat="none")  # statistics only: nothing to recompute
+    grams: dict[str, np.ndarray] = {}
+
+    def sink(path: str, gram: np.ndarray) -> None:
+        grams[path] = gram + grams.get(path, 0.0)
+
+    @jax.jit
+    def statistics(frozen, head, batch):
+        mask = batch["attention_mask"] > 0
+        probes = {tree_lib.param_key(p): eva.InputProbe(frozen[tree_lib.param_key(p)], mask, p, sink) for p in paths}
+        params = lora.combine(frozen, head, probes)[tree_lib.PARAMS]
+        return forward(mcfg, params, batch, train=False, hidden=False)["logits"]
+
+    for idx in s.batcher.order(s.train.lengths, s.cfg.batch_size, seed=s.cfg.seed, epoch=0)[:n_batches]:
+        jax.block_until_ready(statistics(s.frozen, head, model_inputs(s.batcher.batch(s.train, idx, s.cfg.batch_size))))
+    jax.effects_barrier()  # every callback has delivered its sum
+    d_out = {p: s.trainable[tree_lib.adapter_key(p, "b")].shape[1] for p in paths}
+    adapters, s.ranks = eva.init({p: grams[p] for p in paths}, d_out, s.lcfg.rank)
+    trainable = {k: v for k, v in s.trainable.items() if k not in old}
+    for p, ad in adapters.items():
+        if s.lcfg.dora:
+            ad = {**ad, lora.MAGNITUDE: s.trainable[tree_lib.adapter_key(p, lora.MAGNITUDE)]}
+        trainable.update({tree_lib.adapter_key(p, f): v for f, v in ad.items()})
+    n_lora = sum(int(np.size(v)) for k, v in trainable.items() if tree_lib.is_adapter(k))
+    s.counts = {**s.counts, lora.LORA: n_lora, "total": s.counts["total"] - s.counts[lora.LORA] + n_lora}
+    s.label_of = {k: lora.LORA if tree_lib.is_adapter(k) else s.label_of[k] for k in trainable}
+    s.trainable = trainable
+    log.info("ranks from the data over %d batches: %d matrices, total rank %d (%s)", n_batches, len(paths),
+             sum(s.ranks.values()), " ".join(str(r) for r in s.ranks.values()))
+
+
 def initial_trainable(cfg: TrainConfig, model_dir: Path, mcfg: ModelConfig):
     """The pretrained base with this run's fresh head and adapters, split for training.
 
@@ -204,6 +247,8 @@ def setup(cfg: TrainConfig) -> Setup:
               train, dev, buckets, model_dir, batcher, initial)
     if cfg.method == "adalora" and cfg.adalora_init == "gradient" and lcfg.targets:
         s.trainable = gradient_init(s, cfg.adalora_init_batches)
+    if cfg.rank_allocation == "eva" and lcfg.targets:
+        eva_init(s)
     return s
 
 

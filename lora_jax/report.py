@@ -107,6 +107,7 @@ def markdown(r: dict) -> str:
             "`adaptive/ranks.png`, `adaptive/budget.png`.",
             "",
         ]
+    lines += _rank_lines(r.get("ranks_from_data"))
     lines += [
         "## Config",
         "",
@@ -165,6 +166,8 @@ def build(*, cfg, s, command: str | None, step: int, resume: bool, history: list
         "eval_examples": {k: len(v) for k, v in s.dev.items()},
         "parallel": parallel.describe(mesh),
         "adaptive": ada_report,
+        "ranks_from_data": ({"allocation": cfg.rank_allocation, "mean_budget": s.lcfg.rank, "matrices": len(s.ranks),
+                             "total_rank": sum(s.ranks.values()), "ranks": s.ranks} if s.ranks else None),
         "train_examples_per_sec": timer.rate(timer.examples),
         "train_tokens_per_sec": timer.rate(timer.tokens),
         "step_time_median_s": profiling.median(timer.times),
@@ -197,6 +200,23 @@ def warn_if_trivial(report: dict) -> None:
     for split, m in report["metrics"].items():
         if is_trivial(m["final"]["values"]):
             log.warning(trivial_warning(split, m["final"]["values"]))
+
+
+def _rank_lines(chosen: dict | None) -> list[str]:
+    """report.md's table of the ranks chosen from the data (``--lora-rank auto``): layers x matrices."""
+    if not chosen:
+        return []
+    from .adaptive import rank_table
+
+    layers, names, grid = rank_table(chosen["ranks"])
+    lines = ["## Ranks chosen from the data", "",
+             f"`--rank-allocation {chosen['allocation']}`: {chosen['matrices']} matrices share a total rank of "
+             f"{chosen['total_rank']} (a mean of {chosen['mean_budget']}), each from its inputs over the first "
+             "batches. The adapter is saved at these ranks (peft: `rank_pattern`); 0 is no adapter.", "",
+             "| layer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for layer, row in zip(layers, grid):
+        lines.append(f"| {layer} | " + " | ".join("" if np.isnan(v) else str(int(v)) for v in row) + " |")
+    return lines + [""]
 
 
 def write_report(out: Path, report: dict) -> None:

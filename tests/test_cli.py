@@ -60,7 +60,7 @@ def test_bad_flags_one_line(tiny_bert_dir, glue_dir, tmp_path, capsys, extra, ma
 
 @pytest.mark.parametrize("extra, match", [
     (["--remat", "bogus"], "argument --remat: invalid choice: 'bogus'"),
-    (["--lora-rank", "eight"], "argument --lora-rank: invalid int value"),
+    (["--lora-rank", "eight"], "argument --lora-rank: a positive integer or auto"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ])
 def test_bad_command_line_one_line(tiny_bert_dir, glue_dir, tmp_path, capsys, extra, match):
