@@ -23,9 +23,10 @@ def user_errors():
     from .weights import WeightsError
     from .combine import CombineError
     from .export import ExportError
+    from .eva import EvaError
 
     return (ConfigValueError, DataError, LoraError, ConfigError, RunError, WeightsError, AdapterError,
-            CheckpointError, ParallelError, AdaptiveError, ExportError, CombineError)
+            CheckpointError, ParallelError, AdaptiveError, ExportError, CombineError, EvaError)
 
 
 def setup_logging(level: int) -> None:

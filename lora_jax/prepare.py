@@ -169,6 +169,9 @@ def eva_init(s: Setup, n_batches: int = eva.INIT_BATCHES) -> None:
     for idx in s.batcher.order(s.train.lengths, s.cfg.batch_size, seed=s.cfg.seed, epoch=0)[:n_batches]:
         jax.block_until_ready(statistics(s.frozen, head, model_inputs(s.batcher.batch(s.train, idx, s.cfg.batch_size))))
     jax.effects_barrier()  # every callback has delivered its sum
+    if not grams:
+        raise eva.EvaError(f"--lora-rank auto takes its statistics from training batches: {len(s.train)} examples "
+                           f"make none of --batch-size {s.cfg.batch_size}")
     d_out = {p: s.trainable[tree_lib.adapter_key(p, "b")].shape[1] for p in paths}
     adapters, s.ranks = eva.init({p: grams[p] for p in paths}, d_out, s.lcfg.rank)
     trainable = {k: v for k, v in s.trainable.items() if k not in old}
