@@ -1,9 +1,10 @@
 """Ranks chosen from the data (EVA-style; Paischer et al., 2024): ``--lora-rank auto``.
 
 Before the first step, the rows x (N, d_in) that reach each target kernel over the first batches
-of epoch 0 give its input second moment G = Σ xᵀx (d_in, d_in), uncentered: the directions x @ W
-actually uses. G's eigenvectors are the right singular vectors of the stacked rows, its
-eigenvalues their squared singular values.
+of epoch 0 give its input covariance C = Σ (x - x̄)ᵀ(x - x̄) / N (d_in, d_in): the principal components
+of its inputs, as EVA's incremental PCA finds them. (Uncentered, the top component is the rows' mean,
+which holds most of the "variance" and, as A's first direction, gave x @ A a large constant part: on
+SST-2 the run with LoRA+ stalled at the majority class, results/rank-baseline/.)
 
 - **Ranks.** A component's share of its matrix's input variance, λ_i / Σ λ, is its score. The
   budget, ``rank`` components per target on average, goes to the highest scores across every target
@@ -40,7 +41,7 @@ class EvaError(ValueError):
 
 @dataclass
 class InputProbe:
-    """A kernel that computes ``x @ w`` and hands ``(path, Σ xᵀx)`` to ``sink`` on the host.
+    """A kernel that computes ``x @ w`` and hands ``(path, (Σ xᵀx, Σ x, N))`` to ``sink`` on the host.
 
     Rows whose ``mask`` entry is 0 (padding) are left out when x has the mask's leading shape (the
     last layer's rows of first tokens only are all real). ``sink`` runs through an ordered
@@ -60,21 +61,31 @@ class InputProbe:
 
     def __rmatmul__(self, x: jax.Array) -> jax.Array:
         rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-        real = rows
+        keep = jnp.ones((rows.shape[0], 1), jnp.float32)
         if self.mask is not None and self.mask.shape == x.shape[:-1]:
-            real = rows * self.mask.reshape(-1, 1).astype(jnp.float32)
+            keep = self.mask.reshape(-1, 1).astype(jnp.float32)
+        real = rows * keep
         gram = jnp.matmul(real.T, real, precision=jax.lax.Precision.HIGHEST)
         sink, path = self.sink, self.path  # the callback holds these, not the probe's traced arrays
         # float32 on the host: roberta-base's FFN-output inputs give 3072² sums, 36 MiB each.
-        jax.debug.callback(lambda g: sink(path, np.asarray(g, np.float32)), gram, ordered=True)
+        jax.debug.callback(lambda *m: sink(path, tuple(np.asarray(v, np.float32) for v in m)),
+                           gram, real.sum(0), keep.sum(), ordered=True)
         return (rows @ dense(self.w)).astype(x.dtype).reshape(*x.shape[:-1], self.w.shape[-1])
 
 
-def components(gram: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """The top ``cap`` eigenpairs of a second moment ``gram`` (d_in, d_in): (shares (k,), vectors (d_in, k)).
+def covariance(second: np.ndarray, first: np.ndarray, n: float) -> np.ndarray:
+    """The covariance (d_in, d_in) of rows from their sums: Σ xᵀx (d_in, d_in), Σ x (d_in,) and their count."""
+    if not n > 0:
+        raise EvaError("no input reached a target kernel (every row was padding)")
+    mean = np.asarray(first, np.float64) / n
+    return np.asarray(second, np.float64) / n - np.outer(mean, mean)
+
+
+def components(cov: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``cap`` eigenpairs of a covariance (d_in, d_in): (shares (k,), vectors (d_in, k)).
 
     Shares are eigenvalues over their sum, descending; the vectors are orthonormal columns."""
-    vals, vecs = np.linalg.eigh(np.asarray(gram, np.float64))
+    vals, vecs = np.linalg.eigh(np.asarray(cov, np.float64))
     vals, vecs = np.clip(vals[::-1], 0, None), vecs[:, ::-1]
     total = vals.sum()
     if not total > 0:
@@ -95,16 +106,16 @@ def allocate(shares: dict[str, np.ndarray], budget: int) -> dict[str, int]:
     return ranks
 
 
-def init(grams: dict[str, np.ndarray], d_out: dict[str, int], rank: int, rho: float = RHO
+def init(covs: dict[str, np.ndarray], d_out: dict[str, int], rank: int, rho: float = RHO
          ) -> tuple[dict[str, dict[str, jax.Array]], dict[str, int]]:
-    """Adapters from input statistics: ``({path: {"a": (d_in, r_i), "b": zeros (r_i, d_out)}}, {path: r_i})``.
+    """Adapters from input covariances: ``({path: {"a": (d_in, r_i), "b": zeros (r_i, d_out)}}, {path: r_i})``.
 
-    The budget is ``rank x len(grams)`` components, each matrix capped at ``rho x rank`` and at
+    The budget is ``rank x len(covs)`` components, each matrix capped at ``rho x rank`` and at
     min(d_in, d_out). Paths that receive rank 0 are in the ranks but not in the adapters."""
     if rank < 1:
         raise EvaError(f"the rank budget must be >= 1 per matrix, got {rank}")
-    comps = {p: components(g, min(int(rho * rank), g.shape[0], d_out[p])) for p, g in grams.items()}
-    ranks = allocate({p: s for p, (s, _) in comps.items()}, rank * len(grams))
+    comps = {p: components(c, min(int(rho * rank), c.shape[0], d_out[p])) for p, c in covs.items()}
+    ranks = allocate({p: s for p, (s, _) in comps.items()}, rank * len(covs))
     adapters = {p: {"a": jnp.asarray(comps[p][1][:, :r], jnp.float32), "b": jnp.zeros((r, d_out[p]), jnp.float32)}
                 for p, r in ranks.items() if r}
     return adapters, ranks

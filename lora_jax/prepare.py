@@ -146,7 +146,7 @@ def gradient_init(s: Setup, n_batches: int) -> dict[str, jax.Array]:
 def eva_init(s: Setup, n_batches: int = eva.INIT_BATCHES) -> None:
     """Replace ``s``'s adapters (rank ``lcfg.rank`` everywhere) by ranks and A chosen from the data (eva.py).
 
-    Every target kernel's input second moment is summed over the first ``n_batches`` batches of epoch 0
+    Every target kernel's input covariance is taken over the first ``n_batches`` batches of epoch 0
     (the pretrained base, the head at its init, no dropout, padding left out). Labels, counts and
     ``s.ranks`` follow; DoRA's magnitudes are kept for the matrices that keep an adapter.
     """
@@ -154,10 +154,10 @@ def eva_init(s: Setup, n_batches: int = eva.INIT_BATCHES) -> None:
     paths = sorted({tree_lib.adapter_path(k)[0] for k in old})
     head = tree_lib.base_only(s.trainable)
     mcfg = dataclasses.replace(s.mcfg, remat="none")  # statistics only: nothing to recompute
-    grams: dict[str, np.ndarray] = {}
+    sums: dict[str, tuple] = {}  # path -> (Σ xᵀx, Σ x, N) over the batches
 
-    def sink(path: str, gram: np.ndarray) -> None:
-        grams[path] = gram + grams.get(path, 0.0)
+    def sink(path: str, moments: tuple) -> None:
+        sums[path] = tuple(m + t for m, t in zip(moments, sums[path])) if path in sums else moments
 
     @jax.jit
     def statistics(frozen, head, batch):
@@ -169,11 +169,11 @@ def eva_init(s: Setup, n_batches: int = eva.INIT_BATCHES) -> None:
     for idx in s.batcher.order(s.train.lengths, s.cfg.batch_size, seed=s.cfg.seed, epoch=0)[:n_batches]:
         jax.block_until_ready(statistics(s.frozen, head, model_inputs(s.batcher.batch(s.train, idx, s.cfg.batch_size))))
     jax.effects_barrier()  # every callback has delivered its sum
-    if not grams:
+    if not sums:
         raise eva.EvaError(f"--lora-rank auto takes its statistics from training batches: {len(s.train)} examples "
                            f"make none of --batch-size {s.cfg.batch_size}")
     d_out = {p: s.trainable[tree_lib.adapter_key(p, "b")].shape[1] for p in paths}
-    adapters, s.ranks = eva.init({p: grams[p] for p in paths}, d_out, s.lcfg.rank)
+    adapters, s.ranks = eva.init({p: eva.covariance(*sums[p]) for p in paths}, d_out, s.lcfg.rank)
     trainable = {k: v for k, v in s.trainable.items() if k not in old}
     for p, ad in adapters.items():
         if s.lcfg.dora:

@@ -23,15 +23,19 @@ def test_allocate_gives_the_budget_to_the_largest_shares_across_matrices():
     assert sum(eva.allocate(shares, 5).values()) == 5
 
 
-def test_components_are_the_inputs_right_singular_vectors():
+def test_components_are_the_inputs_principal_directions():
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((200, 6)) * np.array([5, 3, 2, 1, 0.5, 0.1])
-    shares, vecs = eva.components(x.T @ x, cap=3)
-    _, s, vt = np.linalg.svd(x, full_matrices=False)
-    np.testing.assert_allclose(shares, (s**2 / np.sum(s**2))[:3], rtol=1e-9)
-    np.testing.assert_allclose(np.abs(vecs.T @ vt[:3].T), np.eye(3), atol=1e-9)  # the same directions
+    x = rng.standard_normal((200, 6)) * np.array([5, 3, 2, 1, 0.5, 0.1]) + 40.0  # a large mean, as hidden states have
+    cov = eva.covariance(x.T @ x, x.sum(0), len(x))
+    np.testing.assert_allclose(cov, np.cov(x, rowvar=False, bias=True), atol=1e-8)
+    shares, vecs = eva.components(cov, cap=3)
+    _, s, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)  # PCA: the mean is not a direction
+    np.testing.assert_allclose(shares, (s**2 / np.sum(s**2))[:3], rtol=1e-6)
+    np.testing.assert_allclose(np.abs(vecs.T @ vt[:3].T), np.eye(3), atol=1e-6)
     with pytest.raises(eva.EvaError, match="no input"):
         eva.components(np.zeros((4, 4)), cap=2)
+    with pytest.raises(eva.EvaError, match="no input"):
+        eva.covariance(np.zeros((4, 4)), np.zeros(4), 0)
 
 
 def test_init_starts_from_zero_updates_within_the_caps():
@@ -65,7 +69,10 @@ def test_probe_sums_the_inputs_of_real_rows_and_computes_the_product():
     y = f(x, w, mask)
     jax.effects_barrier()
     real = np.asarray(x)[np.asarray(mask)]
-    np.testing.assert_allclose(got["k"][0], real.T @ real, rtol=1e-5)
+    second, first, n = got["k"][0]
+    np.testing.assert_allclose(second, real.T @ real, rtol=1e-5)
+    np.testing.assert_allclose(first, real.sum(0), rtol=1e-5, atol=1e-6)
+    assert n == 8
     np.testing.assert_allclose(np.asarray(y), np.asarray(x @ w), rtol=1e-5)
 
 
