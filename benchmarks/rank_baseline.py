@@ -168,7 +168,7 @@ def main() -> int:
         raise common.fail(f"--grids: {e}")
     first = summaries[0]
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": common.command("rank_baseline.py"), "device": first.get("device"),
+            "command": common.command(__file__), "device": first.get("device"),
             "versions": first.get("versions"), "grids": [s["name"] for s in summaries]}
     from lora_jax.report import write_text
 
