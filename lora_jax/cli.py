@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
       f"matrix from the data, {d.lora_rank} on average (--rank-allocation {AUTO_ALLOCATION})")
     a("--rank-allocation", choices=RANK_ALLOCATIONS,
       help="fixed: --lora-rank for every target (default); eva: --lora-rank is the mean budget, and each matrix's "
-           "rank and A come from the top singular directions of its inputs over the first batches (EVA-style)")
+           "rank and A come from the principal components of its inputs over the first batches (EVA-style)")
     a("--lora-alpha", type=float, help=f"default {d.lora_alpha}")
     a("--lora-dropout", type=float, help=f"default {d.lora_dropout}")
     a("--targets", help="qv, qkvo, all, or comma-separated regexes over parameter paths (default qv)")
