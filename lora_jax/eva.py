@@ -10,8 +10,12 @@ SST-2 the run with LoRA+ stalled at the majority class, results/rank-baseline/.)
   budget, ``rank`` components per target on average, goes to the highest scores across every target
   at once, at most ``rho · rank`` per matrix (peft's EVA uses rho = 2). A matrix that wins no
   component gets no adapter.
-- **Factors.** A starts at the top eigenvectors (d_in, r_i), orthonormal columns; B = 0, so ΔW = 0
-  and the model at step 0 is the pretrained one.
+- **Factors.** A starts at the top eigenvectors (d_in, r_i); B = 0, so ΔW = 0 and the model at step 0
+  is the pretrained one. Column i is scaled so that x @ a_i has the variance a random kaiming column's
+  gives in expectation, tr C / (3 d_in), instead of λ_i: with unit-norm columns x @ A was 5-22x larger
+  (std) than kaiming's on MiniLM's SST-2 inputs, which multiplied B's effective rate on top of LoRA+'s
+  16x and left SST-2 runs slow or stuck (results/rank-baseline/). The directions come from the data,
+  the step sizes stay those the default recipe was measured with.
 - **Scale.** alpha / rank of the budget's rank for every matrix (peft's ``alpha_pattern`` keeps it
   when exported), so a matrix's update does not shrink as it gains components.
 
@@ -84,14 +88,23 @@ def covariance(second: np.ndarray, first: np.ndarray, n: float) -> np.ndarray:
 def components(cov: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
     """The top ``cap`` eigenpairs of a covariance (d_in, d_in): (shares (k,), vectors (d_in, k)).
 
-    Shares are eigenvalues over their sum, descending; the vectors are orthonormal columns."""
+    Shares are eigenvalues over their sum, descending, and all positive (a direction the inputs never
+    vary along carries nothing, so fewer than ``cap`` may come back); the vectors are orthonormal columns."""
     vals, vecs = np.linalg.eigh(np.asarray(cov, np.float64))
     vals, vecs = np.clip(vals[::-1], 0, None), vecs[:, ::-1]
     total = vals.sum()
     if not total > 0:
         raise EvaError("no input reached a target kernel (every row was padding)")
-    k = min(cap, len(vals))
+    k = min(cap, int(np.count_nonzero(vals > total * 1e-12)))
     return vals[:k] / total, vecs[:, :k]
+
+
+def kaiming_scaled(shares: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """A (d_in, k) from unit directions and their variance shares: column i times 1 / sqrt(3 d_in share_i).
+
+    Then Var(x @ a_i) = λ_i |a_i|² = tr C / (3 d_in), what a column uniform in ±1/sqrt(d_in) (kaiming's
+    bound, lora.init's A) gives in expectation."""
+    return vectors / np.sqrt(3 * vectors.shape[0] * shares)[None, :]
 
 
 def allocate(shares: dict[str, np.ndarray], budget: int) -> dict[str, int]:
@@ -116,6 +129,6 @@ def init(covs: dict[str, np.ndarray], d_out: dict[str, int], rank: int, rho: flo
         raise EvaError(f"the rank budget must be >= 1 per matrix, got {rank}")
     comps = {p: components(c, min(int(rho * rank), c.shape[0], d_out[p])) for p, c in covs.items()}
     ranks = allocate({p: s for p, (s, _) in comps.items()}, rank * len(covs))
-    adapters = {p: {"a": jnp.asarray(comps[p][1][:, :r], jnp.float32), "b": jnp.zeros((r, d_out[p]), jnp.float32)}
+    adapters = {p: {"a": jnp.asarray(kaiming_scaled(comps[p][0][:r], comps[p][1][:, :r]), jnp.float32), "b": jnp.zeros((r, d_out[p]), jnp.float32)}
                 for p, r in ranks.items() if r}
     return adapters, ranks

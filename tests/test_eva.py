@@ -32,6 +32,9 @@ def test_components_are_the_inputs_principal_directions():
     _, s, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)  # PCA: the mean is not a direction
     np.testing.assert_allclose(shares, (s**2 / np.sum(s**2))[:3], rtol=1e-6)
     np.testing.assert_allclose(np.abs(vecs.T @ vt[:3].T), np.eye(3), atol=1e-6)
+    shares, vecs = eva.components(np.diag([4.0, 1.0, 0.0]), cap=3)  # no variance along the third axis
+    np.testing.assert_allclose(shares, [0.8, 0.2])
+    np.testing.assert_allclose(np.abs(vecs), np.eye(3)[:, :2])
     with pytest.raises(eva.EvaError, match="no input"):
         eva.components(np.zeros((4, 4)), cap=2)
     with pytest.raises(eva.EvaError, match="no input"):
@@ -49,7 +52,10 @@ def test_init_starts_from_zero_updates_within_the_caps():
     for p, ad in adapters.items():
         r = ranks[p]
         assert ad["a"].shape == (8, r) and ad["b"].shape == (r, {"spread": 5}.get(p, 8))
-        np.testing.assert_allclose(np.asarray(ad["a"].T @ ad["a"]), np.eye(r), atol=1e-5)  # orthonormal
+        # Orthogonal columns, each as loud on these inputs as a kaiming column is on average: tr C / (3 d_in).
+        a, cov = np.asarray(ad["a"], np.float64), grams[p]
+        level = np.trace(cov) / (3 * 8)
+        np.testing.assert_allclose(a.T @ cov @ a, level * np.eye(r), rtol=1e-4, atol=1e-5 * level)
         assert not np.asarray(ad["b"]).any()  # ΔW = 0
     _, none = eva.init({"x": np.eye(3), "y": 100 * np.eye(3)}, {"x": 3, "y": 3}, rank=1, rho=1.0)
     assert none == {"x": 1, "y": 1}  # the cap spreads the budget even where shares tie
