@@ -12,9 +12,9 @@ SST-2 the run with LoRA+ stalled at the majority class, results/rank-baseline/.)
   component gets no adapter.
 - **Factors.** A starts at the top eigenvectors (d_in, r_i); B = 0, so ΔW = 0 and the model at step 0
   is the pretrained one. Column i is scaled so that x @ a_i has the variance a random kaiming column's
-  gives in expectation, tr C / (3 d_in), instead of λ_i: with unit-norm columns x @ A was 5-22x larger
-  (std) than kaiming's on MiniLM's SST-2 inputs, which multiplied B's effective rate on top of LoRA+'s
-  16x and left SST-2 runs slow or stuck (results/rank-baseline/). The directions come from the data,
+  gives in expectation, tr C / (3 d_in), instead of λ_i: with unit-norm columns x @ A's std was a median
+  5.6x kaiming's, up to 40x, on MiniLM's SST-2 inputs (results/rank-baseline/eva-scale/), which multiplied
+  B's effective rate on top of LoRA+'s 16x and left SST-2 runs slow or stuck (results/rank-baseline/). The directions come from the data,
   the step sizes stay those the default recipe was measured with.
 - **Scale.** alpha / rank of the budget's rank for every matrix (peft's ``alpha_pattern`` keeps it
   when exported), so a matrix's update does not shrink as it gains components.

@@ -143,15 +143,12 @@ def gradient_init(s: Setup, n_batches: int) -> dict[str, jax.Array]:
     return out
 
 
-def eva_init(s: Setup, n_batches: int = eva.INIT_BATCHES) -> None:
-    """Replace ``s``'s adapters (rank ``lcfg.rank`` everywhere) by ranks and A chosen from the data (eva.py).
+def input_covariances(s: Setup, n_batches: int = eva.INIT_BATCHES) -> dict[str, np.ndarray]:
+    """Each adapted kernel's input covariance (d_in, d_in) over the first ``n_batches`` batches of epoch 0.
 
-    Every target kernel's input covariance is taken over the first ``n_batches`` batches of epoch 0
-    (the pretrained base, the head at its init, no dropout, padding left out). Labels, counts and
-    ``s.ranks`` follow; DoRA's magnitudes are kept for the matrices that keep an adapter.
-    """
-    old = {k for k in s.trainable if tree_lib.is_adapter(k)}
-    paths = sorted({tree_lib.adapter_path(k)[0] for k in old})
+    The pretrained base, the head at its init, no dropout, padding left out (eva.InputProbe); keyed by
+    kernel path, as ``s``'s adapters are."""
+    paths = sorted({tree_lib.adapter_path(k)[0] for k in s.trainable if tree_lib.is_adapter(k)})
     head = tree_lib.base_only(s.trainable)
     mcfg = dataclasses.replace(s.mcfg, remat="none")  # statistics only: nothing to recompute
     sums: dict[str, tuple] = {}  # path -> (Σ xᵀx, Σ x, N) over the batches
@@ -172,8 +169,20 @@ def eva_init(s: Setup, n_batches: int = eva.INIT_BATCHES) -> None:
     if not sums:
         raise eva.EvaError(f"--lora-rank auto takes its statistics from training batches: {len(s.train)} examples "
                            f"make none of --batch-size {s.cfg.batch_size}")
+    return {p: eva.covariance(*sums[p]) for p in paths}
+
+
+def eva_init(s: Setup, n_batches: int = eva.INIT_BATCHES) -> None:
+    """Replace ``s``'s adapters (rank ``lcfg.rank`` everywhere) by ranks and A chosen from the data (eva.py).
+
+    The statistics are :func:`input_covariances`'. Labels, counts and ``s.ranks`` follow; DoRA's
+    magnitudes are kept for the matrices that keep an adapter.
+    """
+    old = {k for k in s.trainable if tree_lib.is_adapter(k)}
+    covs = input_covariances(s, n_batches)
+    paths = list(covs)
     d_out = {p: s.trainable[tree_lib.adapter_key(p, "b")].shape[1] for p in paths}
-    adapters, s.ranks = eva.init({p: eva.covariance(*sums[p]) for p in paths}, d_out, s.lcfg.rank)
+    adapters, s.ranks = eva.init(covs, d_out, s.lcfg.rank)
     trainable = {k: v for k, v in s.trainable.items() if k not in old}
     for p, ad in adapters.items():
         if s.lcfg.dora:

@@ -129,3 +129,11 @@ def test_memory_stages_from_marks():
     assert got["tokenizing"]["rss_start_mib"] == 100 and got["tokenizing"]["rss_max_mib"] == 320
     assert got["compile"]["rss_max_mib"] == 950 and got["compile"]["seconds"] == 1.5  # 3-4 and 5-5.5
     assert got["train steps"]["rss_start_mib"] == 900
+
+
+@pytest.mark.parametrize("flags, named", [(["--budget", "0"], "--budget"), (["--task", "nope"], "nope")])
+def test_eva_scale_bad_input(flags, named, tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eva_scale.py"), *flags, "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and named in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()

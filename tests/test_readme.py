@@ -324,6 +324,22 @@ def check_combine(command: str, _: None) -> None:
             assert a.shape[1] == sum(t[key].shape[1] for t in inputs if key in t), key
 
 
+def check_eva_scale(command: str, _: None) -> None:
+    """benchmarks/eva_scale.py: the whole budget allocated; scaled columns exactly as loud as kaiming's, unit
+    columns as their eigenvalue says (aᵀCa against the eigendecomposition's share)."""
+    task = _flag(command, "--task", "sst2")
+    record = json.loads((ROOT / _flag(command, "--out") / f"eva-scale-{task}.json").read_text())
+    rows = record["matrices"].values()
+    assert sum(r["rank"] for r in rows) == record["budget"] * len(rows)
+    for r in rows:
+        assert len(r["unit"]) == len(r["scaled"]) == r["rank"]
+        assert r["scaled"] == pytest.approx([1.0] * r["rank"], rel=1e-4)
+        if r["rank"]:
+            assert r["unit"][0] == pytest.approx((3 * r["d_in"] * r["top_share"]) ** 0.5, rel=1e-4)
+            assert r["unit"] == sorted(r["unit"], reverse=True)
+    assert "kaiming-scaled columns 1.00x" in (ROOT / _flag(command, "--out") / f"eva-scale-{task}.md").read_text()
+
+
 CHECKS = {
     "scripts/train.py": (_nothing, check_train),
     "scripts/export.py": (_nothing, check_export),
@@ -335,6 +351,7 @@ CHECKS = {
     "benchmarks/profile_step.py": (_nothing, check_profile_step),
     "benchmarks/bench_dropout.py": (_nothing, check_bench_dropout),
     "benchmarks/memory.py": (_nothing, check_memory),
+    "benchmarks/eva_scale.py": (_nothing, check_eva_scale),
 }
 
 
