@@ -211,6 +211,13 @@ def test_rank_baseline_script_writes_its_table_and_plot(tmp_path):
     assert done.returncode == 0, done.stderr
     md = (tmp_path / "out" / "rank-baseline.md").read_text()
     assert "**Oracle** (best median, in hindsight): r = 8, 0.8400" in md and "torch" not in md.split("## sst2")[1]
+    # A later grid's cell of the same task and method replaces the earlier one's.
+    grid2 = {**grid, "name": "g2", "cells": _cells("sst2", {"rank-all-r1": [0.9, 0.9, 0.9]})}
+    (tmp_path / "summary2.json").write_text(json.dumps(grid2))
+    done = subprocess.run([*script, "--grids", f"{tmp_path / 'summary.json'},{tmp_path / 'summary2.json'}",
+                           "--out", str(tmp_path / "out2")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "r = 1, 0.9000" in (tmp_path / "out2" / "rank-baseline.md").read_text()
     assert (tmp_path / "out" / "rank-baseline.png").stat().st_size > 1000
     bad = subprocess.run([*script, "--grids", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")],
                          capture_output=True, text=True, timeout=300)
@@ -229,9 +236,15 @@ def test_rank_baseline_finds_the_oracle_the_typical_run_and_judges_candidates():
     assert b["median_over_ranks"] == pytest.approx(np.median([0.55, 0.61, 0.57, 0.61]))
     good, bad = b["candidates"]
     assert good["within_oracle"] and good["at_least_typical"] and good["at_least_median_over_ranks"]
-    assert good["step_vs_typical"] == pytest.approx(1.05)
+    assert good["step_vs_typical"] == pytest.approx(1.05) and good["step_vs_cap"] == pytest.approx(2.1)
     assert not bad["within_oracle"] and not bad["at_least_typical"] and not bad["at_least_median_over_ranks"]
     assert bad["step_vs_typical"] == pytest.approx(0.5)
+    # Step times of another grid (another stretch of time) are not compared.
+    cells = _cells("rte", {"rank-all-r8": [0.5], "rank-all-r16": [0.5], "cand": [0.5]}, steps={"cand": 0.2})
+    for c, grid in zip(cells, ("old", "new", "new")):
+        c["grid"] = grid
+    (cand,) = _script("rank_baseline").baseline(cells)["candidates"]
+    assert cand["step_vs_typical"] is None and cand["step_vs_cap"] == pytest.approx(2.0)
 
 
 def test_adaptive_report_pairs_each_adalora_method_with_lora_at_its_budget():
