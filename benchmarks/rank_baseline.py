@@ -35,6 +35,7 @@ import common
 
 FIXED = re.compile(r"rank-all-r(\d+)")
 TYPICAL = 8
+FULL_SWEEP = (1, 2, 4, 8, 16, 32)  # the fixed ranks
 CAP = 16  # --lora-rank auto's largest rank (eva.RHO x its default budget): "LoRA at the same maximum rank"
 ORACLE_MARGIN = 0.005  # the "within 0.005 of the oracle"
 
@@ -53,7 +54,7 @@ def baseline(cells: list[dict]) -> dict:
         "metric": cells[0]["metric"],
         "fixed": [{"rank": r, "dev": c["dev"], "trainable_params": c["trainable_params"],
                    "step_time_s": c["step_time_s"]["median"] if c.get("step_time_s") else None,
-                   "trivial_seeds": c.get("trivial_seeds")} for r, c in fixed],
+                   "trivial_seeds": c.get("trivial_seeds"), "grid": c.get("grid")} for r, c in fixed],
         "oracle": {"rank": oracle, "median": medians[oracle]},
         "typical": {"rank": TYPICAL, "median": medians.get(TYPICAL)},
         "median_over_ranks": float(np.median(list(medians.values()))),
@@ -103,13 +104,17 @@ def markdown(tasks: list[dict], meta: dict) -> str:
              "cell is shown.", ""]
     for t in tasks:
         lines += [f"## {t['task']} ({t['metric']})", "",
-                  "| rank | dev metric | trained params | step (s) | trivial seeds |", "|---:|---|---:|---:|---:|"]
+                  "| rank | dev metric | trained params | step (s) | trivial seeds | grid |", "|---:|---|---:|---:|---:|---|"]
         for f in t["fixed"]:
             step = "unmeasured" if f["step_time_s"] is None else f"{f['step_time_s']:.3f}"
             lines.append(f"| {f['rank']} | {_dev(f['dev'])} | {f['trainable_params']:,} | {step} | "
-                         f"{f['trivial_seeds']} |")
+                         f"{f['trivial_seeds']} | {f['grid'] or ''} |")
         typical = t["typical"]["median"]
-        lines += ["", f"- **Oracle** (best median, in hindsight): r = {t['oracle']['rank']}, {t['oracle']['median']:.4f}.",
+        ran = [f["rank"] for f in t["fixed"]]
+        lines += [""] + ([] if set(FULL_SWEEP) <= set(ran) else [
+            f"- **Partial sweep:** only r = {', '.join(map(str, ran))} ran, of {', '.join(map(str, FULL_SWEEP))}: the oracle "
+            "and the median over ranks below are over these alone."])
+        lines += [f"- **Oracle** (best median, in hindsight): r = {t['oracle']['rank']}, {t['oracle']['median']:.4f}.",
                   f"- **Typical** (r = {TYPICAL}): " + ("not run" if typical is None else f"{typical:.4f}") + ".",
                   f"- **Median over ranks:** {t['median_over_ranks']:.4f}.", ""]
         if t["candidates"]:

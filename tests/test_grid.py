@@ -211,6 +211,7 @@ def test_rank_baseline_script_writes_its_table_and_plot(tmp_path):
     assert done.returncode == 0, done.stderr
     md = (tmp_path / "out" / "rank-baseline.md").read_text()
     assert "**Oracle** (best median, in hindsight): r = 8, 0.8400" in md and "torch" not in md.split("## sst2")[1]
+    assert "**Partial sweep:** only r = 1, 8 ran" in md
     # A later grid's cell of the same task and method replaces the earlier one's.
     grid2 = {**grid, "name": "g2", "cells": _cells("sst2", {"rank-all-r1": [0.9, 0.9, 0.9]})}
     (tmp_path / "summary2.json").write_text(json.dumps(grid2))
