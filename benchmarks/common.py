@@ -213,6 +213,8 @@ METHODS.update({f"rank-all-r{r}": ["--targets", "all", "--lora-rank", str(r), "-
                 for r in (1, 2, 4, 8, 16, 32)})
 # ... and the rank chosen for the user: `--lora-rank auto` (a mean budget of 8, the same scale 1).
 METHODS["rank-all-auto"] = ["--targets", "all", "--lora-rank", "auto", "--lora-alpha", "8"]
+# A screen of its first version (results/rank-baseline/screens/): B's rate equal to A's, as EVA was published.
+METHODS["rank-all-auto-plain"] = [*METHODS["rank-all-auto"], "--loraplus-lr-ratio", "1"]
 
 
 
