@@ -6,7 +6,7 @@ as ``--lora-rank auto`` does (``prepare.input_covariances``), and the ranks ``ev
 budget. For the components a matrix receives, the std of x @ a_i over those inputs is set beside what a
 kaiming column (uniform in ±1/sqrt(d_in), lora.init's A) gives in expectation, sqrt(tr C / (3 d_in)):
 - **unit** columns (eva's first A, the principal directions as they are): sqrt(a_iᵀ C a_i) with |a_i| = 1;
-- **scaled** columns (``eva.kaiming_scaled``, what ``eva.init`` starts from now).
+- **scaled** columns: the A that ``eva.init`` returns (``eva.kaiming_scaled``).
 Both are measured as aᵀ C a on the same C, not assumed. B's change moves the output by x @ A times it,
 so a ratio of k multiplies B's effective learning rate by about k.
 
@@ -28,18 +28,20 @@ import numpy as np
 import common
 
 
-def loudness(cov: np.ndarray, rank: int, cap: int) -> dict:
-    """One matrix: std(x @ a_i) / kaiming's expected std over its first ``rank`` components, unit and scaled."""
+def loudness(cov: np.ndarray, a: np.ndarray | None) -> dict:
+    """One matrix: std(x @ a_i) / kaiming's expected std for its top components as unit columns, and for the
+    columns of ``a`` (d_in, r), the A that ``eva.init`` returned (None: the matrix received no component)."""
     from lora_jax import eva
 
-    shares, vecs = eva.components(cov, cap)
+    rank = 0 if a is None else a.shape[1]
+    shares, vecs = eva.components(cov, max(rank, 1))
     level = np.trace(cov) / (3 * cov.shape[0])
 
-    def ratios(a: np.ndarray) -> list[float]:
-        return [float(np.sqrt(a[:, i] @ cov @ a[:, i] / level)) for i in range(rank)]
+    def ratios(cols: np.ndarray) -> list[float]:
+        return [float(np.sqrt(cols[:, i] @ cov @ cols[:, i] / level)) for i in range(rank)]
 
-    return {"d_in": cov.shape[0], "rank": rank, "top_share": float(shares[0]),
-            "unit": ratios(vecs), "scaled": ratios(eva.kaiming_scaled(shares[:rank], vecs[:, :rank]))}
+    return {"d_in": cov.shape[0], "rank": rank, "top_share": float(shares[0]), "unit": ratios(vecs),
+            "scaled": [] if a is None else ratios(np.asarray(a, np.float64))}
 
 
 def markdown(rows: dict[str, dict], meta: dict) -> str:
@@ -76,7 +78,6 @@ def main() -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     from lora_jax import eva, prepare
-    from lora_jax import tree as tree_lib
     from lora_jax.cli_common import user_errors
     from lora_jax.config import TrainConfig
 
@@ -88,12 +89,10 @@ def main() -> int:
                           lora_rank=args.budget, batch_size=args.batch_size, seed=args.seed)
         s = prepare.setup(cfg)  # fixed ranks: its adapters name the target kernels
         covs = prepare.input_covariances(s, batches)
-        d_out = {p: s.trainable[tree_lib.adapter_key(p, "b")].shape[1] for p in covs}
-        _, ranks = eva.init(covs, d_out, args.budget)
+        adapters, _ = eva.init(covs, prepare.output_widths(s), args.budget)
     except user_errors() as e:
         raise common.fail(str(e).splitlines()[0])
-    cap = int(eva.RHO * args.budget)
-    rows = {p: loudness(c, ranks[p], min(cap, c.shape[0], d_out[p])) for p, c in covs.items()}
+    rows = {p: loudness(c, adapters[p]["a"] if p in adapters else None) for p, c in covs.items()}
     import jax
 
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": common.command(__file__),

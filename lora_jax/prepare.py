@@ -172,6 +172,12 @@ def input_covariances(s: Setup, n_batches: int = eva.INIT_BATCHES) -> dict[str, 
     return {p: eva.covariance(*sums[p]) for p in paths}
 
 
+def output_widths(s: Setup) -> dict[str, int]:
+    """d_out of each adapted kernel, keyed by kernel path (what ``eva.init`` takes beside the covariances)."""
+    factors = (tree_lib.adapter_path(k) + (v,) for k, v in s.trainable.items() if tree_lib.is_adapter(k))
+    return {path: v.shape[1] for path, factor, v in factors if factor == "b"}
+
+
 def eva_init(s: Setup, n_batches: int = eva.INIT_BATCHES) -> None:
     """Replace ``s``'s adapters (rank ``lcfg.rank`` everywhere) by ranks and A chosen from the data (eva.py).
 
@@ -181,8 +187,7 @@ def eva_init(s: Setup, n_batches: int = eva.INIT_BATCHES) -> None:
     old = {k for k in s.trainable if tree_lib.is_adapter(k)}
     covs = input_covariances(s, n_batches)
     paths = list(covs)
-    d_out = {p: s.trainable[tree_lib.adapter_key(p, "b")].shape[1] for p in paths}
-    adapters, s.ranks = eva.init(covs, d_out, s.lcfg.rank)
+    adapters, s.ranks = eva.init(covs, output_widths(s), s.lcfg.rank)
     trainable = {k: v for k, v in s.trainable.items() if k not in old}
     for p, ad in adapters.items():
         if s.lcfg.dora:
