@@ -81,7 +81,7 @@ def main() -> int:
     from lora_jax.cli_common import user_errors
     from lora_jax.config import TrainConfig
 
-    batches = args.batches or eva.INIT_BATCHES
+    batches = eva.INIT_BATCHES if args.batches is None else args.batches
     if batches < 1 or args.budget < 1:
         raise common.fail(f"--batches and --budget must be >= 1, got {batches} and {args.budget}")
     try:
