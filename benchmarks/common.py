@@ -215,12 +215,16 @@ METHODS.update({f"rank-all-r{r}": ["--targets", "all", "--lora-rank", str(r), "-
 METHODS["rank-all-auto"] = ["--targets", "all", "--lora-rank", "auto", "--lora-alpha", "8"]
 # A screen of its first version (results/rank-baseline/screens/): B's rate equal to A's, as EVA was published.
 METHODS["rank-all-auto-plain"] = [*METHODS["rank-all-auto"], "--loraplus-lr-ratio", "1"]
+# The other candidates: a gate per component from rank 16 (--lora-rank auto's largest rank) down, SoRA-style
+# (gate.py; scale 1), and AdaLoRA's best recipe so far (docs/adaptive-rank.md), from 12 down to a mean of 8.
+METHODS["rank-all-gate"] = ["--targets", "all", "--lora-rank", "16", "--lora-alpha", "16", "--rank-allocation", "gate"]
+METHODS["rank-all-adalora"] = METHODS["adalora-t8-s16-late"]
 
 
 
 def torch_flags(method: str) -> list[str]:
     """train_torch.py flags of a method (it has no AdaLoRA)."""
-    if method.startswith("adalora"):
+    if "adalora" in METHODS[method]:
         raise SystemExit(f"error: the PyTorch reference has no {method}")
     if "--param-dtype" in METHODS[method]:
         raise SystemExit(f"error: the PyTorch reference has no bfloat16 or quantized base ({method})")

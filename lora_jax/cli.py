@@ -39,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
       f"matrix from the data, {d.lora_rank} on average (--rank-allocation {AUTO_ALLOCATION})")
     a("--rank-allocation", choices=RANK_ALLOCATIONS,
       help="fixed: --lora-rank for every target (default); eva: --lora-rank is the mean budget, and each matrix's "
-           "rank and A come from the principal components of its inputs over the first batches (EVA-style)")
+           "rank and A come from the principal components of its inputs over the first batches (EVA-style); "
+           "gate: --lora-rank is each matrix's maximum, and a gate per component, pruned by a proximal L1 step, "
+           "keeps the components the task needs (SoRA-style)")
+    a("--gate-sparsity", type=float, help=f"--rank-allocation gate: how steadily the task must push a component's "
+      f"gate to keep it, 0 (keep all) to 2 (default {d.gate_sparsity:g}: an unpushed gate closes by the end)")
     a("--lora-alpha", type=float, help=f"default {d.lora_alpha}")
     a("--lora-dropout", type=float, help=f"default {d.lora_dropout}")
     a("--targets", help="qv, qkvo, all, or comma-separated regexes over parameter paths (default qv)")

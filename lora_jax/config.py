@@ -25,9 +25,10 @@ PARAM_DTYPES = ("float32", "bfloat16", *QUANTIZED)
 # (results/robust-lora/; not at RTE's default budget).
 DEFAULT_LORAPLUS_RATIO = 16.0
 # How each target's rank is set: "fixed", --lora-rank everywhere; "eva", --lora-rank is the mean budget and
-# every matrix's rank and A come from its inputs over the first batches (eva.py). --lora-rank auto picks
-# AUTO_ALLOCATION, the only candidate measured so far (results/rank-baseline/).
-RANK_ALLOCATIONS = ("fixed", "eva")
+# every matrix's rank and A come from its inputs over the first batches (eva.py); "gate", --lora-rank is
+# every matrix's maximum and a gate per component, pruned by a proximal L1 step, keeps what the task needs
+# (gate.py). --lora-rank auto picks AUTO_ALLOCATION, the winner of results/rank-baseline/.
+RANK_ALLOCATIONS = ("fixed", "eva", "gate")
 AUTO_ALLOCATION = "eva"
 
 
@@ -49,6 +50,7 @@ class TrainConfig:
     targets: str = "qv"  # a preset name (qv, qkvo, all) or comma-separated regexes
     lora_init: str = "kaiming"
     rank_allocation: str = "fixed"  # one of RANK_ALLOCATIONS
+    gate_sparsity: float = 0.5  # --rank-allocation gate: the threshold over the gate learning rate (gate.py)
     rslora: bool = False
     dora: bool = False  # DoRA (Liu et al., 2024): also train a magnitude per output column of each target
     # "factored" x@W + s(x@A)@B, "merged" x@(W + sAB), or "auto": merged (measured faster on CPU and
@@ -211,6 +213,10 @@ class TrainConfig:
             if self.lora_init in ("pissa", "olora") or self.init_adapter is not None:
                 raise ConfigValueError(f"--rank-allocation {self.rank_allocation} (--lora-rank auto) sets A from the "
                                        "data: not with --lora-init pissa/olora or --init-adapter")
+            if self.dora and self.rank_allocation == "gate":
+                raise ConfigValueError("--rank-allocation gate gates plain LoRA components: not with --dora")
+        if not 0 <= self.gate_sparsity < 2:
+            raise ConfigValueError(f"--gate-sparsity must be in [0, 2), got {self.gate_sparsity}")
         if self.adalora_init not in ("gaussian", "orthogonal", "gradient"):
             raise ConfigValueError(f"--adalora-init must be gaussian, orthogonal or gradient, "
                                    f"got {self.adalora_init!r}")

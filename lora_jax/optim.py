@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from . import lora
+from . import gate, lora
 from .config import TrainConfig
 
 
@@ -34,24 +34,32 @@ def make_optimizer(label_of: dict[str, str], cfg: TrainConfig, total_steps: int)
     frozen parameters never reach the optimizer, so they own no state. LoRA+
     (``loraplus_lr_ratio``) splits the adapters' label into A's and B's
     (``lora.factor_labels``), B's learning rate that many times A's;
-    ``head_only_steps`` holds the adapters' learning rate at 0 for those first steps.
+    ``head_only_steps`` holds the adapters' learning rate at 0 for those first steps. A gated rank
+    (``--rank-allocation gate``) labels its factors as A and B and its gates apart (``gate.labels``); the
+    gates take ``gate.optimizer``.
     """
 
     def decay_mask(params):
         # Inside multi_transform the other label's leaves are empty MaskedNodes: map per entry.
         return {k: jax.tree.map(lambda _: not no_weight_decay(k), v) for k, v in params.items()}
 
-    def adamw(lr: float, held: int = 0):
+    def shaped(lr: float, held: int = 0) -> optax.Schedule:
         sched = schedule(lr, total_steps - held, cfg.warmup_ratio)
-        if held:
-            sched = optax.join_schedules([optax.constant_schedule(0.0), sched], [held])
-        return optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay, mask=decay_mask)
+        return optax.join_schedules([optax.constant_schedule(0.0), sched], [held]) if held else sched
 
-    if cfg.loraplus_lr_ratio != 1:
+    def adamw(lr: float, held: int = 0):
+        return optax.adamw(shaped(lr, held), b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay,
+                           mask=decay_mask)
+
+    if cfg.rank_allocation == "gate":
+        label_of = gate.labels(label_of)
+    elif cfg.loraplus_lr_ratio != 1:
         label_of = lora.factor_labels(label_of)
     same = adamw(cfg.lr)
 
     def transform(label: str):
+        if label == gate.GATE:  # the run's shape, its own scale (gate.py)
+            return gate.optimizer(shaped(1.0, cfg.head_only_steps), cfg.gate_sparsity, total_steps)
         if label == lora.TRAINABLE or (label != lora.LORA_B and not cfg.head_only_steps):
             return same
         return adamw(cfg.lr * (cfg.loraplus_lr_ratio if label == lora.LORA_B else 1.0), cfg.head_only_steps)

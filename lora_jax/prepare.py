@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import adaptive, eva, lora, lora_init, packing, quant, weights
+from . import adaptive, eva, gate, lora, lora_init, packing, quant, weights
 from . import batching
 from . import data as data_lib
 from . import tree as tree_lib
@@ -213,14 +213,17 @@ def initial_trainable(cfg: TrainConfig, model_dir: Path, mcfg: ModelConfig):
     quantized = cfg.param_dtype in quant.QUANTIZED  # quantized once split: only frozen leaves are
     params, report = weights.load_params(model_dir, mcfg, key=k_head,
                                          param_dtype="float32" if quantized else cfg.param_dtype)
-    lcfg, initial = cfg.lora_config(), {}
+    lcfg, initial, initial_gated = cfg.lora_config(), {}, {}
     if cfg.method == "lora" and lcfg.init_a in lora_init.DATA_AWARE:
         initial = lora_init.init(params, lcfg)
         params = lora_init.residual(params, initial, lcfg)
+    if cfg.rank_allocation == "gate" and lcfg.targets:  # LoRA's A and B, with a gate per component
+        initial_gated = gate.init(lora.init(params, lcfg, k_lora))
     # --adalora-init gradient starts from orthonormal P, Q; setup replaces them once the data is in.
     svd_init = "orthogonal" if cfg.adalora_init == "gradient" else cfg.adalora_init
     trainable, frozen, label_of, counts = split_for_training(params, lcfg, k_lora, svd=cfg.method == "adalora",
-                                                             svd_init=svd_init, adapters=initial or None)
+                                                             svd_init=svd_init,
+                                                             adapters=initial or initial_gated or None)
     del params
     if quantized:
         frozen = quant.store(frozen, cfg.param_dtype)

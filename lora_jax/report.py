@@ -166,8 +166,11 @@ def build(*, cfg, s, command: str | None, step: int, resume: bool, history: list
         "eval_examples": {k: len(v) for k, v in s.dev.items()},
         "parallel": parallel.describe(mesh),
         "adaptive": ada_report,
-        "ranks_from_data": ({"allocation": cfg.rank_allocation, "mean_budget": s.lcfg.rank, "matrices": len(s.ranks),
-                             "total_rank": sum(s.ranks.values()), "ranks": s.ranks} if s.ranks else None),
+        # eva: --lora-rank is the mean budget; gate: every matrix's starting (maximum) rank.
+        "ranks_from_data": ({"allocation": cfg.rank_allocation,
+                             ("start_rank" if cfg.rank_allocation == "gate" else "mean_budget"): s.lcfg.rank,
+                             "matrices": len(s.ranks), "total_rank": sum(s.ranks.values()), "ranks": s.ranks}
+                            if s.ranks else None),
         "train_examples_per_sec": timer.rate(timer.examples),
         "train_tokens_per_sec": timer.rate(timer.tokens),
         "step_time_median_s": profiling.median(timer.times),
@@ -209,10 +212,14 @@ def _rank_lines(chosen: dict | None) -> list[str]:
     from .adaptive import rank_table
 
     layers, names, grid = rank_table(chosen["ranks"])
-    lines = ["## Ranks chosen from the data", "",
-             f"`--rank-allocation {chosen['allocation']}`: {chosen['matrices']} matrices share a total rank of "
-             f"{chosen['total_rank']} (a mean of {chosen['mean_budget']}), each from its inputs over the first "
-             "batches. The adapter is saved at these ranks (peft: `rank_pattern`); 0 is no adapter.", "",
+    how = (f"{chosen['matrices']} matrices started at rank {chosen['start_rank']} with a gate per component; "
+           f"{chosen['total_rank']} components were left open (a mean of "
+           f"{chosen['total_rank'] / max(chosen['matrices'], 1):.2f} per matrix)."
+           if chosen["allocation"] == "gate" else
+           f"{chosen['matrices']} matrices share a total rank of {chosen['total_rank']} (a mean of "
+           f"{chosen['mean_budget']}), each from its inputs over the first batches.")
+    lines = ["## Ranks chosen from the data", "", f"`--rank-allocation {chosen['allocation']}`: {how} The adapter "
+             "is saved at these ranks (peft: `rank_pattern`); 0 is no adapter.", "",
              "| layer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for layer, row in zip(layers, grid):
         lines.append(f"| {layer} | " + " | ".join("" if np.isnan(v) else str(int(v)) for v in row) + " |")

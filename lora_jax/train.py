@@ -21,7 +21,7 @@ from pathlib import Path
 
 import jax
 
-from . import adaptive, lora_init, packing, parallel, rundir
+from . import adaptive, gate, lora_init, packing, parallel, rundir
 from . import data as data_lib
 from .config import TrainConfig
 from .quant import QUANTIZED
@@ -169,6 +169,10 @@ def _save_adapters(out: Path, cfg: TrainConfig, s: Setup, state: TrainState, ada
         lcfg = adaptive.truncated_config(s.lcfg, ranks)
         if parallel.is_main_process():
             ada_report = adaptive_outputs(out, ada, adaptive.final_ranks(aux))
+    elif cfg.rank_allocation == "gate" and s.lcfg.targets:  # closed gates are dropped; s.ranks for the report
+        s.ranks = gate.final_ranks(trained)
+        trained, ranks = adaptive.truncate(trained, gate.final_mask(trained), s.lcfg.scale)
+        lcfg = adaptive.truncated_config(s.lcfg, ranks)
     if parallel.is_main_process():
         sizes = (adapter_lib.export(out / "adapter", trained, mcfg=s.mcfg, lcfg=lcfg, base_model=cfg.model,
                                     task=cfg.task, label_names=s.task.label_names, max_seq_len=cfg.max_seq_len,
@@ -215,7 +219,7 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     frozen = parallel.place(s.frozen, parallel.frozen_shardings(s.frozen, mesh))
     train_step = PerShape(make_train_step(s.mcfg, s.lcfg, optimizer, mode=cfg.forward_mode(),
                                           regression=s.task.is_regression, mesh=mesh, ada=ada,
-                                          xla_scheduler=cfg.xla_scheduler))
+                                          xla_scheduler=cfg.xla_scheduler, gated=cfg.rank_allocation == "gate"))
     eval_step = make_eval_step(s.mcfg, s.lcfg, mesh)
     batcher = _batcher(s, mesh)
     eval_every, save_every = cfg.eval_every or spe, cfg.save_every or spe

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import adaptive, compiler, lora, parallel
+from . import adaptive, compiler, gate, lora, parallel
 from . import tree as tree_lib
 from .config import XLA_CPU_SCHEDULERS
 from .eval_step import model_params
@@ -80,12 +80,14 @@ def compiler_options(xla_scheduler: str) -> dict[str, str] | None:
 
 
 def make_train_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, optimizer, *, mode: str, regression: bool,
-                    mesh=None, ada: adaptive.AdaLoraConfig | None = None, xla_scheduler: str = "default") -> Callable:
+                    mesh=None, ada: adaptive.AdaLoraConfig | None = None, xla_scheduler: str = "default",
+                    gated: bool = False) -> Callable:
     """``step(state, frozen, batch) -> (state, {"loss", "grad_norm"})``, jitted with ``state`` donated.
 
     With ``ada`` (AdaLoRA) the loss adds the orthogonality regulariser, the
     allocator runs after the update (importance, budget, λ masks) and the
-    metrics add "budget" and "rank" (total rank in use). "loss" is the task loss.
+    metrics add "budget" and "rank" (total rank in use). "loss" is the task loss. With ``gated``
+    (``--rank-allocation gate``) the metrics add "rank", the number of open gates.
 
     With a ``mesh`` (see ``parallel``), the inputs arrive already placed (batch
     sharded, state replicated) and the outputs are pinned replicated, so the
@@ -110,6 +112,8 @@ def make_train_step(mcfg: ModelConfig, lcfg: lora.LoraConfig, optimizer, *, mode
         if ada is not None:
             aux, trainable, extra = adaptive.allocate(ada, aux, trainable, grads, state.step + 1)
             out.update(extra)
+        if gated:
+            out["rank"] = gate.total_rank(trainable)
         new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, aux=aux)
         return new, out
 
