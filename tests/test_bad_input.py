@@ -60,6 +60,8 @@ def copy_run(run, where):
     (["--lora-alpha", "inf"], "--lora-alpha must be a finite number"),
     (["--fsdp", "0"], "--fsdp must be >= 1"),
     (["--targets", ","], "names no pattern"),  # was a run that trained the head alone
+    (["--rank-allocation", "gate", "--gate-sparsity", "2"], "--gate-sparsity must be in [0, 2)"),
+    (["--rank-allocation", "gate", "--dora"], "--rank-allocation gate gates plain LoRA components"),
 ])
 def test_train_flag_out_of_range(flags, match, tiny_bert_dir, glue_dir, tmp_path, capsys):
     assert train_main(train_args(tiny_bert_dir, glue_dir, tmp_path / "r", *flags)) == 2

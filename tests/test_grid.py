@@ -187,11 +187,14 @@ def test_every_grid_method_is_a_valid_training_config():
             assert cfg.lora_alpha / cfg.lora_rank == want, name
         if name.startswith("lora-") and "plus" not in name:  # measured as plain LoRA before LoRA+ was the default
             assert cfg.loraplus_lr_ratio == 1.0, name
-        if name.startswith("rank-all-"):  # issue 34's baseline and candidates: scale 1, the default recipe
+        if name == "rank-all-adalora":  # AdaLoRA's best recipe so far, unchanged
+            assert flags == _script("common").METHODS["adalora-t8-s16-late"] and cfg.method == "adalora"
+        elif name.startswith("rank-all-"):  # issue 34's baseline and candidates: scale 1, the default recipe
             screen = name.endswith("-plain")  # a screen of auto with B's rate A's (results/rank-baseline/screens/)
             assert cfg.lora_alpha == cfg.lora_rank and cfg.loraplus_lr_ratio == (
                 1.0 if screen else TrainConfig().loraplus_lr_ratio), name
-            assert (cfg.rank_allocation != "fixed") == ("-auto" in name), name
+            want = "gate" if name.endswith("-gate") else "eva" if "-auto" in name else "fixed"
+            assert cfg.rank_allocation == want, name
 
 
 def _cells(task: str, cells: dict[str, list[float]], steps: dict[str, float] | None = None) -> list[dict]:
