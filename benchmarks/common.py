@@ -219,6 +219,7 @@ METHODS["rank-all-auto-plain"] = [*METHODS["rank-all-auto"], "--loraplus-lr-rati
 # (gate.py; scale 1), and AdaLoRA's best recipe so far (docs/adaptive-rank.md), from 12 down to a mean of 8.
 METHODS["rank-all-gate"] = ["--targets", "all", "--lora-rank", "16", "--lora-alpha", "16", "--rank-allocation", "gate"]
 METHODS["rank-all-adalora"] = METHODS["adalora-t8-s16-late"]
+METHODS["rank-all-gate-sp1"] = [*METHODS["rank-all-gate"], "--gate-sparsity", "1.0"]  # a screen: sparser
 
 
 

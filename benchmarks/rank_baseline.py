@@ -12,7 +12,9 @@ asks: at least the median over ranks, within 0.005 of the oracle, never below r 
 against LoRA's at r = 8 and at r = 16 (``--lora-rank auto``'s largest rank: 2 x its budget of 8), taken
 only from fixed cells of the candidate's own grid (one machine, one stretch of time).
 
-A task and method in several grids takes the cell of the last grid named in ``--grids``.
+A task and method in several grids takes the cell of the last grid named in ``--grids``. Flags a grid
+passes to every run (after ``--`` on its command line, e.g. ``-- --lr 2e-4``) make another recipe: its
+cells form a section of their own, named by task and those flags.
 
 Writes OUT/rank-baseline.md, OUT/rank-baseline.json and OUT/rank-baseline.png (per task: dev metric
 against trained parameters, medians with the min-max over seeds).
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,17 +43,24 @@ CAP = 16  # --lora-rank auto's largest rank (eva.RHO x its default budget): "LoR
 ORACLE_MARGIN = 0.005  # the issue's "within 0.005 of the oracle"
 
 
-def baseline(cells: list[dict]) -> dict:
-    """One task's cells -> its fixed ranks, oracle, typical run and median over ranks, and its candidates."""
+def recipe(command: str) -> str:
+    """The flags a grid command passes to every run (after ``--``), or "" for the default recipe."""
+    argv = shlex.split(command or "")
+    return " ".join(argv[argv.index("--") + 1:]) if "--" in argv else ""
+
+
+def baseline(cells: list[dict], name: str | None = None) -> dict:
+    """One task's cells (of one recipe) -> its fixed ranks, oracle, typical run and median over ranks, and its
+    candidates; ``name`` labels the section (default: the task)."""
     fixed = sorted(((int(FIXED.fullmatch(c["method"]).group(1)), c) for c in cells if FIXED.fullmatch(c["method"])),
                    key=lambda rc: rc[0])
     if not fixed:
-        raise ValueError(f"no rank-all-rN cells for {cells[0]['task']}")
+        raise ValueError(f"no rank-all-rN cells for {name or cells[0]['task']}")
     medians = {r: c["dev"]["median"] for r, c in fixed}
     oracle = max(medians, key=lambda r: (medians[r], -r))  # ties go to the smaller rank
     by_rank = dict(fixed)
     out = {
-        "task": cells[0]["task"],
+        "task": name or cells[0]["task"],
         "metric": cells[0]["metric"],
         "fixed": [{"rank": r, "dev": c["dev"], "trainable_params": c["trainable_params"],
                    "step_time_s": c["step_time_s"]["median"] if c.get("step_time_s") else None,
@@ -177,11 +187,13 @@ def main() -> int:
             raise common.fail(f"--grids: cannot read {name} ({type(e).__name__})")
     by_task: dict[str, dict[str, dict]] = {}
     for s in summaries:  # a later grid's cell replaces an earlier one's
+        flags = recipe(s.get("command", ""))
         for c in s["cells"]:
             if not c["method"].startswith("torch:"):  # the PyTorch reference has no candidates
-                by_task.setdefault(c["task"], {})[c["method"]] = {**c, "grid": s.get("name")}
+                name = f"{c['task']}, {flags}" if flags else c["task"]
+                by_task.setdefault(name, {})[c["method"]] = {**c, "grid": s.get("name")}
     try:
-        tasks = [baseline(list(cells.values())) for cells in by_task.values()]
+        tasks = [baseline(list(cells.values()), name) for name, cells in by_task.items()]
     except ValueError as e:
         raise common.fail(f"--grids: {e}")
     first = summaries[0]

@@ -193,7 +193,7 @@ def test_every_grid_method_is_a_valid_training_config():
             screen = name.endswith("-plain")  # a screen of auto with B's rate A's (results/rank-baseline/screens/)
             assert cfg.lora_alpha == cfg.lora_rank and cfg.loraplus_lr_ratio == (
                 1.0 if screen else TrainConfig().loraplus_lr_ratio), name
-            want = "gate" if name.endswith("-gate") else "eva" if "-auto" in name else "fixed"
+            want = "gate" if "-gate" in name else "eva" if "-auto" in name else "fixed"
             assert cfg.rank_allocation == want, name
 
 
@@ -224,6 +224,16 @@ def test_rank_baseline_script_writes_its_table_and_plot(tmp_path):
                            "--out", str(tmp_path / "out2")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "r = 1, 0.9000" in (tmp_path / "out2" / "rank-baseline.md").read_text()
+    # A grid whose runs all took other flags (after --) is another recipe: a section of its own.
+    grid3 = {**grid, "name": "g3", "command": "python benchmarks/grid.py --name g3 -- --lr 2e-4",
+             "cells": _cells("sst2", {"rank-all-r8": [0.7, 0.7, 0.7]})}
+    (tmp_path / "summary3.json").write_text(json.dumps(grid3))
+    done = subprocess.run([*script, "--grids", f"{tmp_path / 'summary.json'},{tmp_path / 'summary3.json'}",
+                           "--out", str(tmp_path / "out3")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    md = (tmp_path / "out3" / "rank-baseline.md").read_text()
+    assert "## sst2 (dev/accuracy)" in md and "## sst2, --lr 2e-4 (dev/accuracy)" in md
+    assert "r = 8, 0.8400" in md and "r = 8, 0.7000" in md
     assert (tmp_path / "out" / "rank-baseline.png").stat().st_size > 1000
     bad = subprocess.run([*script, "--grids", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")],
                          capture_output=True, text=True, timeout=300)
