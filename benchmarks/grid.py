@@ -130,7 +130,10 @@ def summarise(rows: list[dict], args) -> dict:
             "examples_per_s": _stats([r["train_examples_per_sec"] for r in rs if r["train_examples_per_sec"]]),
             "peak_rss_bytes": _stats([r["memory"]["peak_rss_bytes"] for r in rs]),
             "wall_time_s": _stats([r["wall_time_s"] for r in rs]),
-            "final_ranks": [r["adaptive"]["final_total_rank"] for r in rs if r.get("adaptive")] or None,
+            # Total rank at the end, per seed: AdaLoRA's, or the ranks a run chose (--rank-allocation eva / gate).
+            "final_ranks": [r["adaptive"]["final_total_rank"] if r.get("adaptive")
+                            else r["ranks_from_data"]["total_rank"] for r in rs
+                            if r.get("adaptive") or r.get("ranks_from_data")] or None,
             "trivial_seeds": _trivial_seeds(rs, split),
         })
     return {"cells": summary}

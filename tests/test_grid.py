@@ -311,3 +311,17 @@ def test_adaptive_overview_groups_pairs_by_recipe_and_run_length(tmp_path):
     # A grid that is not there: one line, exit 2.
     done = run("--grids", "g300,nope")
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "nope/summary.json not found" in done.stderr
+
+
+def test_grid_summary_keeps_each_seeds_final_total_rank():
+    def row(seed, **extra):
+        return {"task": "sst2", "method_name": "m", "seed": seed, "primary_metric": "dev/accuracy",
+                "metrics": {"dev": {"final": {"values": {"accuracy": 0.8, "majority_share": 0.5}}}},
+                "trainable_params": 10, "adapter_bytes": 100, "step_time_median_s": 0.1,
+                "train_examples_per_sec": 5.0, "memory": {"peak_rss_bytes": 1}, "wall_time_s": 1.0, **extra}
+
+    summarise = _script("grid").summarise
+    gated = [row(0, ranks_from_data={"total_rank": 400}), row(1, ranks_from_data={"total_rank": 380})]
+    assert summarise(gated, None)["cells"][0]["final_ranks"] == [400, 380]
+    assert summarise([row(0, adaptive={"final_total_rank": 288})], None)["cells"][0]["final_ranks"] == [288]
+    assert summarise([row(0)], None)["cells"][0]["final_ranks"] is None  # a fixed rank
