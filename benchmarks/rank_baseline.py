@@ -147,6 +147,9 @@ def plot(tasks: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    # One colour per candidate in every panel (the fixed ranks take the first).
+    names = list(dict.fromkeys(c["method"] for t in tasks for c in t["candidates"]))
+    colour = {n: plt.get_cmap("tab10")((i + 1) % 10) for i, n in enumerate(names)}
     for ax, t in zip(axes[0], tasks):
         def bars(entries):
             x = np.array([e["trainable_params"] for e in entries], float)
@@ -156,12 +159,13 @@ def plot(tasks: list[dict], path: Path) -> None:
             return x, med, err
 
         x, med, err = bars(t["fixed"])
-        ax.errorbar(x, med, yerr=err, marker="o", capsize=3, label="fixed rank (rank-all-rN)")
+        ax.errorbar(x, med, yerr=err, marker="o", capsize=3, label="fixed rank (rank-all-rN)",
+                    color=plt.get_cmap("tab10")(0))
         for f, xi, yi in zip(t["fixed"], x, med):
             ax.annotate(f"r={f['rank']}", (xi, yi), textcoords="offset points", xytext=(4, -12), fontsize=8)
         for c in t["candidates"]:
             cx, cm, ce = bars([c])
-            ax.errorbar(cx, cm, yerr=ce, marker="s", capsize=3, ls="none", label=c["method"])
+            ax.errorbar(cx, cm, yerr=ce, marker="s", capsize=3, ls="none", label=c["method"], color=colour[c["method"]])
         ax.axhline(t["median_over_ranks"], color="grey", ls=":", lw=1, label="median over ranks")
         ax.set_xscale("log")
         ax.set_xlabel("trained parameters")
