@@ -208,8 +208,9 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "rank-baseline.json", json.dumps({**meta, "tasks": tasks}, indent=1) + "\n")
+    # The markdown first: its header asks git whether the tree is clean, before this run changes any file.
     write_text(out / "rank-baseline.md", markdown(tasks, meta))
+    write_text(out / "rank-baseline.json", json.dumps({**meta, "tasks": tasks}, indent=1) + "\n")
     plot(tasks, out / "rank-baseline.png")
     print(f"wrote {out / 'rank-baseline.md'}")
     return 0
