@@ -34,6 +34,19 @@ def saved_steps(directory: Path) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
+def as_if_killed_after_step_4(run: Path, keep_adapter: Path) -> None:
+    """A 12-step run (checkpoints at 4, 8, 12) as if killed after its step-4 checkpoint: the later
+    checkpoints and the outputs gone; its finished adapter is kept at ``keep_adapter`` to compare."""
+    import shutil
+
+    assert saved_steps(run) == [4, 8, 12]
+    shutil.copytree(run / "adapter", keep_adapter)
+    for name in ("8", "12"):
+        shutil.rmtree(run / "checkpoints" / name)
+    for name in ("report.json", "report.md", "adapter", "peft_adapter"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tiny_bert_dir, glue_dir, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
