@@ -20,6 +20,8 @@ from .config import (AUTO_ALLOCATION, METHODS, PARAM_DTYPES, RANK_ALLOCATIONS, X
 from .batching import BATCHINGS
 from .cli_common import Parser, check_writable_file, named_dirs, setup_logging, user_errors
 from .files import write_text
+from . import host_memory
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
@@ -190,6 +192,7 @@ def enable_compile_cache(directory: str | None) -> None:
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    host_memory.limit_malloc_arenas()  # before any thread allocates: XLA's, Orbax's, the tokenizer's
     args = build_parser().parse_args(argv)
     setup_logging(logging.INFO)
     from . import parallel

@@ -68,6 +68,7 @@ def markdown(r: dict) -> str:
             lines += ["", f"**{trivial_warning(split, r['metrics'][split]['final']['values'])}**"]
     mem = r["memory"]
     comp = mem["train_step_compiled"] or {}
+    arenas = "" if mem.get("malloc_arenas") is None else f" ({mem['malloc_arenas']} malloc arenas at the end)"
     lines += [
         "",
         "## Cost",
@@ -88,7 +89,7 @@ def markdown(r: dict) -> str:
         f"| peak device memory | {_mib(mem['peak_device_bytes'])} |",
         f"| train step, XLA memory analysis (largest bucket) | args {_mib(comp.get('argument_bytes'))}, "
         f"temp {_mib(comp.get('temp_bytes'))}, output {_mib(comp.get('output_bytes'))} |",
-        f"| peak RSS | {_mib(mem['peak_rss_bytes'])} |",
+        f"| peak RSS | {_mib(mem['peak_rss_bytes'])}{arenas} |",
         f"| wall time | {r['wall_time_s']:.1f} s |",
         "",
     ]
@@ -132,7 +133,7 @@ def build(*, cfg, s, command: str | None, step: int, resume: bool, history: list
 
     import jax
 
-    from . import metrics, parallel, profiling
+    from . import host_memory, metrics, parallel, profiling
     from . import tree as tree_lib
     from .prepare import steps_per_epoch
 
@@ -186,6 +187,7 @@ def build(*, cfg, s, command: str | None, step: int, resume: bool, history: list
             "peak_device_bytes": profiling.peak_device_bytes(),
             "train_step_compiled": profiling.compiled_memory(compiled) if compiled is not None else None,
             "peak_rss_bytes": profiling.peak_rss_bytes(),
+            "malloc_arenas": host_memory.arena_count(),  # 2 under the CLI (host_memory); None off glibc
         },
         "wall_time_s": wall,
         "load_report": {"source": s.load_report.source, "initialised": s.load_report.missing,
