@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -173,6 +174,7 @@ def main() -> int:
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
     p.add_argument("--interval", type=float, default=0.05, help="seconds between RSS samples")
+    p.add_argument("--jax-flags", default="", help="more flags for the lora-jax cells, e.g. '--num-buckets 4'")
     p.add_argument("--runs", help="run directories (default runs/memory-NAME)")
     p.add_argument("--results", help="default results/NAME")
     args = p.parse_args()
@@ -183,6 +185,7 @@ def main() -> int:
     runs = Path(args.runs or ROOT / "runs" / f"memory-{args.name.replace('/', '-')}")
     results = Path(args.results or ROOT / "results" / args.name)
     length = ["--max-steps", str(args.max_steps)] if args.max_steps else ["--epochs", str(args.epochs)]
+    jax_flags = shlex.split(args.jax_flags)
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cells = {}
@@ -195,6 +198,8 @@ def main() -> int:
                      "--output-dir", str(out), "--overwrite", "--no-progress"]
             if method == "full":
                 flags += ["--lr", "5e-5"]
+            if fw == "jax":
+                flags += jax_flags
             print(f"{name} ...", file=sys.stderr, flush=True)
             res = run_cell([sys.executable, "-c", DRIVER, str(FRAMEWORKS[fw]), *flags], args.interval, env)
             if res["returncode"] != 0:
@@ -225,7 +230,8 @@ def main() -> int:
         "date": profiling.now(), "device": f"CPU, {os.cpu_count()} cores",
         "protocol": f"{Path(args.model).name}, batch {args.batch_size}, max length {args.max_seq_len}, {steps}; "
                     f"LoRA r = 8 on q, v (each framework's defaults otherwise); full fine-tuning at lr 5e-5. lora-jax "
-                    "trains on packed random batches, PyTorch on the same random batches padded to their longest.",
+                    "trains on packed random batches, PyTorch on the same random batches padded to their longest."
+                    + (f" lora-jax's cells also had `{args.jax_flags}`." if jax_flags else ""),
         "cells": cells,
     }
     results.mkdir(parents=True, exist_ok=True)
