@@ -94,7 +94,7 @@ class TrainConfig:
     # data
     max_seq_len: int = 128
     # Length buckets of unpacked rows; row-count buckets of packed batches. Each is one compiled step that
-    # stays resident (about 60-75 MiB at MiniLM size on the CPU): 4 against 8 costs RTE 2 points of padding
+    # stays resident (about 60-100 MiB at MiniLM size on the CPU): 4 against 8 costs RTE 2 points of padding
     # and saves 4 compilations (results/memory/README.md).
     num_buckets: int = 4
     # "packed": random batches, each packed into few rows (packing.py); "random": the same batches, one

@@ -3,8 +3,8 @@
 glibc gives each thread that allocates an arena of its own, up to 8 per core. XLA:CPU's worker threads,
 Orbax's and the tokenizer's each keep the memory they free in their own arena, where the main thread's next
 large buffer cannot reuse it, so the process's resident peak grows by what each thread once held. Two arenas
-keep that memory reusable: RTE, MiniLM, LoRA r = 8, 3 epochs, peak RSS 1,793 -> 1,634 MiB with the same step
-time (results/memory/arenas/).
+keep that memory reusable: RTE, MiniLM, LoRA r = 8, batch 16, 3 epochs, peak RSS 1,793 -> 1,634 MiB, the same step
+time (results/memory/README.md, rte-arenas).
 
 A process-wide setting, so only the command-line entry points call it, never the library on import. It
 changes nothing where the C library is not glibc, or where the user set ``MALLOC_ARENA_MAX`` (glibc read
