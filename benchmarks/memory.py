@@ -174,7 +174,7 @@ def main() -> int:
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
     p.add_argument("--interval", type=float, default=0.05, help="seconds between RSS samples")
-    p.add_argument("--jax-flags", default="", help="more flags for the lora-jax cells, e.g. '--num-buckets 4'")
+    p.add_argument("--jax-flags", default="", help="more flags for the lora-jax cells, e.g. --jax-flags=--num-buckets=4")
     p.add_argument("--runs", help="run directories (default runs/memory-NAME)")
     p.add_argument("--results", help="default results/NAME")
     args = p.parse_args()

@@ -302,9 +302,9 @@ def check_memory(command: str, _: None) -> None:
         assert [s["t"] for s in cell["stages"]] == sorted(s["t"] for s in cell["stages"])
         assert 0 < cell["max_sample_mib"] <= cell["peak_rss_mib"] + 1
     assert (ROOT / _flag(command, "--results") / "memory.png").stat().st_size > 10_000
-    words = shlex.split(command)
-    if "--jax-flags" in words:  # lora-jax's cells alone take them
-        extra = shlex.split(words[words.index("--jax-flags") + 1])
+    given = [w.split("=", 1)[1] for w in shlex.split(command) if w.startswith("--jax-flags=")]
+    if given:  # lora-jax's cells alone take them
+        extra = shlex.split(given[0])
         assert shlex.split(record["cells"]["jax lora"]["command"])[-len(extra):] == extra
         assert not {w for w in extra if w.startswith("--")} & set(shlex.split(record["cells"]["torch lora"]["command"]))
 
