@@ -32,8 +32,9 @@ def limit_malloc_arenas(n: int = ARENAS) -> int | None:
     """Cap glibc's malloc arenas at ``n`` for every thread that allocates from now on: call it before the
     threads start (before JAX's backend, Orbax or the tokenizer run). Returns the cap in force afterwards:
     ``n``; the user's ``MALLOC_ARENA_MAX`` where set (left alone); None off glibc."""
-    if os.environ.get("MALLOC_ARENA_MAX"):
-        return int(os.environ["MALLOC_ARENA_MAX"]) if os.environ["MALLOC_ARENA_MAX"].isdigit() else None
+    user = os.environ.get("MALLOC_ARENA_MAX")
+    if user:
+        return int(user) if user.isdigit() else None
     libc = _glibc()
     if libc is None or libc.mallopt(M_ARENA_MAX, n) != 1:
         return None
