@@ -39,6 +39,19 @@ def _threads(mode: str, **env) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def test_the_users_setting_is_returned_and_not_overridden(monkeypatch):
+    """In process, no threads started: glibc read MALLOC_ARENA_MAX at start-up, so the function only reports it."""
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "5")
+    assert host_memory.limit_malloc_arenas() == 5
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "many")  # glibc ignores what is not a number; so do we
+    assert host_memory.limit_malloc_arenas() is None
+
+
+def test_this_process_reports_its_arenas():
+    """malloc_info's XML is parsed: a process that has run Python holds at least the main arena."""
+    assert host_memory.arena_count() >= 1
+
+
 @pytest.mark.slow
 def test_the_cap_holds_threads_to_two_arenas():
     assert _threads("none", MALLOC_ARENA_MAX=None)["arenas"] > host_memory.ARENAS  # what the cap prevents
