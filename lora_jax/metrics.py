@@ -60,11 +60,20 @@ def is_trivial(values: dict[str, float]) -> bool:
     return "std_ratio" in values and values["std_ratio"] < TRIVIAL_STD_RATIO
 
 
-def trivial_warning(split: str, values: dict[str, float]) -> str:
-    """One line saying that a run ended at the trivial solution and what to try."""
+def trivial_warning(split: str, values: dict[str, float], config: dict | None = None) -> str:
+    """One line saying that a run ended at the trivial solution and what to try; ``config`` (the report's
+    ``TrainConfig.to_dict()``) picks the advice."""
     what = (f"{values['majority_share']:.0%} of its {split} predictions are one class"
             if "majority_share" in values else
             f"its {split} predictions vary {values['std_ratio']:.2f}x as much as the labels")
+    c = config or {}
+    if (c.get("method") != "full" and c.get("targets", "qv") != "qv" and c.get("loraplus_lr_ratio", 1) > 1
+            and c.get("lr", 0) > 2e-4):
+        # LoRA+ moves every B 16x faster: on many matrices at once that overshoots (RTE and MRPC, every linear
+        # layer, 5e-4: all seeds stuck or nearly; at 2e-4 none), so here a *lower* rate is the advice.
+        return (f"warning: the run ended at the trivial solution ({what}); with LoRA+ on more than q, v try a lower "
+                "--lr such as 2e-4 (every linear layer at 5e-4 stayed on this plateau on RTE and MRPC where 2e-4 "
+                "learnt, results/rank-baseline/)")
     return (f"warning: the run ended at the trivial solution ({what}); try more --epochs, a higher --lr, or, if "
             "the run set a lower --loraplus-lr-ratio, the default 16 (it left this plateau on MRPC where plain LoRA "
             "did not, results/robust-lora/)")

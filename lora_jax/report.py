@@ -65,7 +65,7 @@ def markdown(r: dict) -> str:
             lines.append(f"| {split} | {name} | {value:.4f} | {m['best']['values'][name]:.4f} | {m['best']['step']} |")
     for split, trivial in (r.get("trivial") or {}).items():
         if trivial:
-            lines += ["", f"**{trivial_warning(split, r['metrics'][split]['final']['values'])}**"]
+            lines += ["", f"**{trivial_warning(split, r['metrics'][split]['final']['values'], r.get('config'))}**"]
     mem = r["memory"]
     comp = mem["train_step_compiled"] or {}
     arenas = "" if mem.get("malloc_arenas") is None else f" ({mem['malloc_arenas']} malloc arenas at the end)"
@@ -204,7 +204,7 @@ def warn_if_trivial(report: dict) -> None:
     """One warning line per dev split whose final predictions are trivial (``metrics.is_trivial``)."""
     for split, m in report["metrics"].items():
         if is_trivial(m["final"]["values"]):
-            log.warning(trivial_warning(split, m["final"]["values"]))
+            log.warning(trivial_warning(split, m["final"]["values"], report.get("config")))
 
 
 def _rank_lines(chosen: dict | None) -> list[str]:

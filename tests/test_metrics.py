@@ -56,3 +56,14 @@ def test_trivial_solution_is_one_class_or_a_flat_regression():
     assert not metrics.is_trivial(metrics.spread(2.5 + 0.5 * y, y, True))
     line = metrics.trivial_warning("dev", metrics.spread(np.zeros(100, int), labels, False))
     assert "100% of its dev predictions are one class" in line and "\n" not in line
+
+
+def test_the_trivial_warning_advises_a_lower_rate_for_loraplus_on_many_matrices():
+    """Where LoRA+ on every linear layer overshoots, "a higher --lr" would make it worse."""
+    values = metrics.spread(np.zeros(100, int), np.array([0, 1] * 50), False)
+    many = {"method": "lora", "targets": "all", "lr": 5e-4, "loraplus_lr_ratio": 16.0}
+    assert "lower --lr" in metrics.trivial_warning("dev", values, many)
+    for other in ({**many, "targets": "qv"}, {**many, "lr": 2e-4}, {**many, "loraplus_lr_ratio": 1.0},
+                  {**many, "method": "full"}, None):
+        line = metrics.trivial_warning("dev", values, other)
+        assert "higher --lr" in line and "lower --lr" not in line
